@@ -1,0 +1,238 @@
+"""The sidecar process: proxy listener, admin listener, pipeline and sinks, and their lifecycle.
+
+:class:`Sidecar` wires the parts together from a :class:`~sidecar.config.Config`:
+one shared upstream ``ClientSession`` (no cookie jar: clients never share cookies,
+no decompression: bodies pass byte for byte), the :class:`~sidecar.proxy.Proxy`
+handler on the proxy port, ``/metrics``, ``/healthz`` and ``/readyz`` on the separate
+admin port, and the :class:`~sidecar.pipeline.Pipeline` feeding the sinks.
+
+Stopping drains: the proxy port stops accepting, in-flight calls (streams included)
+get up to ``shutdown.drain_timeout`` to finish, then the sinks are flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from sidecar import config as config_mod
+from sidecar import pricing
+from sidecar.config import Config
+from sidecar.errors import ConfigError, Problem
+from sidecar.metrics import Metrics, MetricsSink
+from sidecar.pipeline import Pipeline
+from sidecar.proxy import Proxy, ProxySettings
+from sidecar.sinks import Sink
+from sidecar.tokens import Estimator
+
+log = logging.getLogger("sidecar.app")
+
+PROXY_KEY = web.AppKey("proxy", Proxy)
+SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
+
+
+def load_prices(config: Config) -> pricing.PriceTable:
+    """The price table named by the config, or the packaged default catalogue."""
+    if config.pricing.file:
+        return pricing.load_file(config.pricing.file)
+    return pricing.default_table()
+
+
+class Sidecar:
+    """One running sidecar: build with a config, then :meth:`start` and :meth:`stop`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        registry: CollectorRegistry | None = None,
+        config_path: str | None = None,
+        extra_sinks: list[Sink] | None = None,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = Metrics(self.registry, max_tenants=config.tenants.max_distinct)
+        self.prices = load_prices(config)
+        self.estimator = Estimator()
+        self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size)]
+        self.sinks.extend(extra_sinks or [])
+        self._reload_config = reload_config
+        self.pipeline: Pipeline | None = None
+        self.proxy: Proxy | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self._proxy_runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self.proxy_port = 0
+        self.admin_port = 0
+        self.ready = False
+        self.admin_token = self._read_admin_token(config)
+
+    @staticmethod
+    def _read_admin_token(config: Config) -> str | None:
+        if not config.admin.token_file:
+            return None
+        try:
+            token = Path(config.admin.token_file).read_text().strip()
+        except OSError as exc:
+            problem = Problem(config.source, 0, 0, "admin.token_file", f"cannot read: {exc.strerror}")
+            raise ConfigError([problem]) from None
+        return token or None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind both listeners and start the pipeline."""
+        self.session = aiohttp.ClientSession(
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
+            trust_env=False,
+        )
+        self.pipeline = Pipeline(self.sinks, self.metrics, self.prices, self.estimator)
+        await self.pipeline.start()
+        self.proxy = Proxy(ProxySettings.from_config(self.config), self.session, self.pipeline, self.metrics)
+
+        proxy = self.proxy
+
+        @web.middleware
+        async def every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+            # Every request goes to the proxy, whatever its target looks like (authority-form
+            # CONNECT targets included), so each one is answered in the provider's shape and counted.
+            return await proxy.handle(request)
+
+        proxy_app = web.Application(
+            client_max_size=self.config.limits.max_body_bytes, middlewares=[every_request]
+        )
+        proxy_app[PROXY_KEY] = self.proxy
+        self._proxy_runner = web.AppRunner(
+            proxy_app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.config.shutdown.drain_timeout,
+        )
+        await self._proxy_runner.setup()
+        host, port = self.config.listen
+        site = web.TCPSite(self._proxy_runner, host, port, reuse_address=True)
+        await site.start()
+        self.proxy_port = _bound_port(self._proxy_runner)
+
+        admin_app = web.Application()
+        admin_app[SIDECAR_KEY] = self
+        admin_app.router.add_get("/metrics", self._metrics)
+        admin_app.router.add_get("/healthz", self._healthz)
+        admin_app.router.add_get("/readyz", self._readyz)
+        admin_app.router.add_post("/-/reload", self._reload_endpoint)
+        self._admin_runner = web.AppRunner(admin_app, access_log=None)
+        await self._admin_runner.setup()
+        admin_host, admin_port = self.config.admin.listen
+        await web.TCPSite(self._admin_runner, admin_host, admin_port, reuse_address=True).start()
+        self.admin_port = _bound_port(self._admin_runner)
+        self.ready = True
+        log.info(
+            "sidecar listening on %s:%d (admin %s:%d), upstreams: %s",
+            host,
+            self.proxy_port,
+            admin_host,
+            self.admin_port,
+            ", ".join(f"{u.name} at {u.mount}" for u in self.config.upstreams),
+        )
+
+    async def stop(self) -> None:
+        """Drain in-flight calls, flush the sinks and close everything."""
+        self.ready = False
+        if self.proxy is not None:
+            self.proxy.draining = True
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()  # stops accepting, waits for in-flight calls
+            self._proxy_runner = None
+        if self.pipeline is not None:
+            await self.pipeline.stop(timeout=max(1.0, self.config.shutdown.drain_timeout))
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
+
+    # -- reload ---------------------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config and price table; keep the last good ones on any error."""
+        if self._reload_config is None:
+            return False
+        source = self.config_path or "config"
+        try:
+            new_config = self._reload_config()
+        except ConfigError as exc:
+            files = {p.file for p in exc.problems} or {source}
+            for file in files:
+                self.metrics.reload_failures.labels(file).inc()
+            log.error("config reload rejected, keeping the running config:\n%s", exc)
+            return False
+        try:
+            new_prices = load_prices(new_config)
+        except ConfigError as exc:
+            self.metrics.reload_failures.labels(new_config.pricing.file or "prices").inc()
+            log.error("price table reload rejected, keeping the running config:\n%s", exc)
+            return False
+        if new_config.listen != self.config.listen or new_config.admin.listen != self.config.admin.listen:
+            log.warning("listen addresses changed in the config: they take effect on restart only")
+        self.config = new_config
+        self.prices = new_prices
+        if self.pipeline is not None:
+            self.pipeline.prices = new_prices
+        if self.proxy is not None:
+            self.proxy.settings = ProxySettings.from_config(new_config)
+        log.info("config reloaded from %s (price table %s)", source, new_prices.version)
+        return True
+
+    # -- admin endpoints ------------------------------------------------------------------------
+    def _authorized(self, request: web.Request) -> bool:
+        if self.admin_token is None:
+            return False  # state-changing endpoints are off without a token
+        given = request.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.admin_token}".encode())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.config.admin.metrics_require_token and not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(self.registry)
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        if not self.ready:
+            return web.json_response({"status": "not ready"}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _reload_endpoint(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        ok = await asyncio.to_thread(self.reload)
+        return web.json_response({"reloaded": ok}, status=200 if ok else 422)
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return 0
+
+
+def config_reloader(path: str) -> Callable[[], Config]:
+    """A function that re-reads the config file at ``path``."""
+    return lambda: config_mod.load_file(path)

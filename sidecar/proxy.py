@@ -1,0 +1,653 @@
+"""The forwarding handler: every call goes to its configured upstream unchanged, and is measured.
+
+Habits (see STYLE.md): *forward first, look second, finish once*. Each upstream chunk
+is written to the client before it is inspected; usage is read from a decoded copy;
+end of stream, client abort and upstream error all go through one ``_Call.finish``
+guarded by a flag, which hands one immutable :class:`~sidecar.model.CallRecord` to the
+pipeline. The proxy knows nothing of sinks.
+
+Security: the destination is always the configured upstream of the longest matching
+mount; the client's ``Host``, absolute-form targets and forwarding headers never change
+it, and paths with dot segments are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import ssl
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar import tracecontext
+from sidecar.config import Config, UpstreamConfig
+from sidecar.metrics import Metrics
+from sidecar.model import CallRecord, Usage
+from sidecar.pipeline import EstimateRequest, Pipeline
+from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
+from sidecar.tenants import UNKNOWN, clean_tenant
+
+log = logging.getLogger("sidecar.proxy")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Headers aiohttp's client would otherwise add on its own: the upstream must see the
+# client's request as sent (no Accept-Encoding the client did not ask for, above all).
+SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding", "User-Agent", "Accept", "Content-Type"})
+MAX_PARSE_BYTES = 16 * 1024 * 1024  # decoded bytes of a JSON body kept for usage parsing
+ABORT_STATUS = 499
+
+
+# --- routing -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One configured upstream, ready to forward to."""
+
+    config: UpstreamConfig
+    base: str  # scheme://host[:port][/path] without trailing slash
+    host: str
+    port: int
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def api_key_header(self) -> tuple[str, str] | None:
+        """The provider key header to set, read from the environment or a secret file."""
+        key = self.config.api_key
+        if key is None:
+            return None
+        value: str | None = None
+        if key.from_env:
+            value = os.environ.get(key.from_env)
+        elif key.from_file:
+            try:
+                value = Path(key.from_file).read_text().strip()
+            except OSError:
+                value = None
+        if not value:
+            return None
+        return key.header, f"{key.scheme} {value}" if key.scheme else value
+
+
+def _route(upstream: UpstreamConfig) -> Route:
+    url = URL(upstream.url)
+    base = str(url.with_query(None).with_fragment(None)).rstrip("/")
+    t = upstream.timeouts
+    timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.first_byte)
+    ssl_ctx: ssl.SSLContext | bool = True
+    if upstream.tls is not None:
+        if not upstream.tls.verify:
+            ssl_ctx = False
+        elif upstream.tls.ca_file:
+            ssl_ctx = ssl.create_default_context(cafile=upstream.tls.ca_file)
+    return Route(upstream, base, url.host or "", url.port or 0, timeout, ssl_ctx)
+
+
+class Router:
+    """Longest-mount-wins routing of a request path to a :class:`Route`."""
+
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
+        routes = [_route(u) for u in upstreams]
+        self._by_mount = sorted(
+            ((u.mount.rstrip("/"), r) for u, r in zip(upstreams, routes, strict=True)),
+            key=lambda item: len(item[0]),
+            reverse=True,
+        )
+        self.routes = routes
+
+    def match(self, path: str) -> tuple[Route, str] | None:
+        """The route and the path left after its mount, or None."""
+        for mount, route in self._by_mount:
+            if not mount:
+                return route, path
+            if path == mount or path.startswith(mount + "/"):
+                return route, path[len(mount) :] or "/"
+        return None
+
+
+def unsafe_path(raw_path: str) -> bool:
+    """True for paths that could escape the upstream's base path (dot segments, NUL, backslash)."""
+    decoded = unquote(unquote(raw_path))
+    if "\x00" in decoded or "\\" in decoded:
+        return True
+    return any(segment in (".", "..") for segment in decoded.split("/"))
+
+
+# --- settings swapped on reload ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """The part of the config the request path reads, replaced whole on reload."""
+
+    router: Router
+    tenant_header: str
+    tenant_required: bool
+    tenant_max_length: int
+    max_body_bytes: int
+    tracing: bool
+    sample_ratio: float
+
+    @classmethod
+    def from_config(cls, config: Config, tracing: bool = False, sample_ratio: float = 1.0) -> ProxySettings:
+        return cls(
+            router=Router(config.upstreams),
+            tenant_header=config.tenants.header,
+            tenant_required=config.tenants.required,
+            tenant_max_length=config.tenants.max_length,
+            max_body_bytes=config.limits.max_body_bytes,
+            tracing=tracing,
+            sample_ratio=sample_ratio,
+        )
+
+
+# --- decoding a copy of compressed bodies -----------------------------------------------
+
+
+def make_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
+    """An incremental decoder for a ``Content-Encoding``; None when it cannot be decoded."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return lambda data: data
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if encoding == "deflate":
+        state: dict[str, Any] = {}
+
+        def inflate(data: bytes) -> bytes:
+            obj = state.get("obj")
+            if obj is None:
+                # RFC 9110 deflate is zlib-wrapped; some servers send raw deflate.
+                wrapped = len(data) >= 2 and (data[0] * 256 + data[1]) % 31 == 0 and data[0] & 0x0F == 8
+                obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+                state["obj"] = obj
+            out: bytes = obj.decompress(data)
+            return out
+
+        return inflate
+    if encoding == "br":
+        try:
+            import brotli
+        except ImportError:  # pragma: no cover - brotli is a dependency
+            return None
+        decompressor = brotli.Decompressor()
+        return lambda data: bytes(decompressor.process(data))
+    return None
+
+
+# --- error bodies in the provider's shape ---------------------------------------------------
+
+
+def error_body(provider: str, status: int, message: str, code: str) -> bytes:
+    """A JSON error body shaped like the provider's own."""
+    if provider == "anthropic":
+        kind = {
+            400: "invalid_request_error",
+            404: "not_found_error",
+            413: "request_too_large",
+            429: "rate_limit_error",
+            504: "timeout_error",
+        }.get(status, "api_error")
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    return json.dumps(body).encode()
+
+
+def error_type_for_status(status: int) -> str | None:
+    """The ``error_type`` of an upstream answer (None for success)."""
+    if status == 429:
+        return "rate_limited"
+    if status >= 500:
+        return "upstream_5xx"
+    if status >= 400:
+        return "upstream_4xx"
+    return None
+
+
+# --- one call -----------------------------------------------------------------------
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.response = response
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionError as exc:  # includes aiohttp.ClientConnectionResetError
+        raise _ClientGone(response) from exc
+
+
+class _Call:
+    """The state of one call while it is forwarded; :meth:`finish` runs once."""
+
+    __slots__ = (
+        "body",
+        "client_wait",
+        "error_type",
+        "finished",
+        "ids",
+        "info",
+        "observer",
+        "provider",
+        "request",
+        "request_id",
+        "request_model",
+        "route",
+        "shape",
+        "started",
+        "started_wall",
+        "status",
+        "stream",
+        "tenant",
+        "ttft",
+        "upstream_called",
+        "upstream_wait",
+    )
+
+    def __init__(self, request: web.Request, started: float) -> None:
+        self.request = request
+        self.started = started
+        self.started_wall = time.time()
+        self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.route: Route | None = None
+        self.shape: Shape | None = None
+        self.provider = ""
+        self.tenant = UNKNOWN
+        self.body: bytes | None = None
+        self.request_model: str | None = None
+        self.stream = False
+        self.status = 0
+        self.error_type: str | None = None
+        self.ttft: float | None = None
+        self.observer: StreamObserver | None = None
+        self.info: ResponseInfo | None = None
+        self.ids: tracecontext.SpanIds | None = None
+        self.upstream_wait = 0.0
+        self.client_wait = 0.0
+        self.upstream_called = False
+        self.finished = False
+
+
+class Proxy:
+    """The aiohttp handler that forwards and measures every call."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        session: aiohttp.ClientSession,
+        pipeline: Pipeline,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.draining = False
+
+    # -- entry point --------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        call = _Call(request, perf_counter())
+        settings = self.settings
+        try:
+            return await self._handle(call, settings)
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels the handler) or shutdown gave up.
+            self._finish(call, ABORT_STATUS, "client_abort")
+            raise
+        except Exception:
+            log.exception("proxy error on request %s", call.request_id)
+            self._finish(call, 500, "proxy_error")
+            raise
+
+    async def _handle(self, call: _Call, settings: ProxySettings) -> web.StreamResponse:
+        request = call.request
+        raw_path = request.rel_url.raw_path
+        if request.method == "CONNECT" or unsafe_path(raw_path):
+            return self._reject(call, 400, "invalid request target", "invalid_request_target")
+        matched = settings.router.match(raw_path)
+        if matched is None:
+            return self._reject(call, 404, "no upstream is mounted at this path", "not_found")
+        route, sub_path = matched
+        call.route = route
+        call.shape = detect(sub_path, route.config.provider) if request.method == "POST" else None
+        call.provider = call.shape.provider if call.shape else (route.config.provider or "")
+
+        header_value = request.headers.get(settings.tenant_header)
+        call.tenant = clean_tenant(header_value, settings.tenant_max_length)
+        if settings.tenant_required and header_value is None:
+            return self._reject(
+                call, 400, f"missing tenant header {settings.tenant_header}", "missing_tenant"
+            )
+
+        if request.content_length is not None and request.content_length > settings.max_body_bytes:
+            return self._reject(call, 413, "request body too large", "request_too_large")
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(call, 413, "request body too large", "request_too_large")
+        call.body = body
+
+        strip_usage = False
+        if call.shape is not None:
+            info = call.shape.parse_request(body)
+            call.request_model = info.model
+            call.stream = info.stream
+            if info.stream and not info.wants_usage and route.config.inject_stream_usage:
+                injected = call.shape.inject_stream_usage(body)
+                if injected is not None:
+                    body = injected
+                    strip_usage = True
+
+        headers = self._upstream_headers(request, route, call, settings)
+        query = request.rel_url.raw_query_string
+        url = URL(route.base + sub_path + ("?" + query if query else ""), encoded=True)
+
+        self.metrics.inflight.labels(route.name).inc()
+        try:
+            return await self._exchange(call, route, url, headers, body, strip_usage)
+        finally:
+            self.metrics.inflight.labels(route.name).dec()
+
+    def _upstream_headers(
+        self, request: web.Request, route: Route, call: _Call, settings: ProxySettings
+    ) -> CIMultiDict[str]:
+        connection_tokens = {
+            token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token
+        }
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name, value in request.headers.items():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens or lower in ("host", "content-length"):
+                continue
+            headers.add(name, value)
+        key = route.api_key_header()
+        if key is not None:
+            headers[key[0]] = key[1]
+        if settings.tracing:
+            ids = tracecontext.start(
+                request.headers.get("traceparent"), request.headers.get("tracestate"), settings.sample_ratio
+            )
+            call.ids = ids
+            headers["traceparent"] = ids.traceparent()
+        return headers
+
+    # -- the upstream exchange --------------------------------------------------------------
+    async def _exchange(
+        self,
+        call: _Call,
+        route: Route,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        request = call.request
+        provider = call.provider or "openai"
+        call.upstream_called = True
+        t0 = perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+                timeout=route.timeout,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                ssl=route.ssl,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            call.upstream_wait += perf_counter() - t0
+            return self._reject(call, 504, f"upstream {route.name} timed out", "upstream_timeout", "timeout")
+        except aiohttp.ClientError as exc:
+            call.upstream_wait += perf_counter() - t0
+            log.warning("upstream %s unreachable: %s", route.name, type(exc).__name__)
+            return self._reject(
+                call,
+                502,
+                f"upstream {route.name} unreachable",
+                "upstream_unreachable",
+                "connect_error",
+                provider,
+            )
+        call.upstream_wait += perf_counter() - t0
+
+        try:
+            return await self._relay(call, upstream, strip_usage)
+        except _ClientGone as gone:
+            # The client went away: stop reading the upstream (closing cancels its work).
+            upstream.close()
+            self._finish(call, ABORT_STATUS, "client_abort")
+            return gone.response
+        finally:
+            upstream.release()
+
+    async def _relay(
+        self, call: _Call, upstream: aiohttp.ClientResponse, strip_usage: bool
+    ) -> web.StreamResponse:
+        request = call.request
+        status = upstream.status
+        call.status = status
+        error_type = error_type_for_status(status)
+        content_type = upstream.headers.get("Content-Type", "")
+        encoding = upstream.headers.get("Content-Encoding", "")
+        shape = call.shape
+        is_sse = "text/event-stream" in content_type
+        observer: StreamObserver | None = None
+        json_copy: list[bytes] | None = None
+        decoder: Callable[[bytes], bytes] | None = None
+        if shape is not None and status < 300:
+            decoder = make_decoder(encoding)
+            if decoder is not None:
+                if is_sse:
+                    observer = shape.stream_observer(strip_usage)
+                    call.observer = observer
+                else:
+                    json_copy = []
+        strip = strip_usage and observer is not None
+
+        out_headers: CIMultiDict[str] = CIMultiDict()
+        connection_tokens = {
+            t.strip().lower() for t in upstream.headers.get("Connection", "").split(",") if t
+        }
+        for name, value in upstream.headers.items():
+            lower = name.lower()
+            if lower in HOP_BY_HOP or lower in connection_tokens:
+                continue
+            if strip and lower == "content-length":
+                continue  # the body changes length: chunked instead
+            if strip and lower == "content-encoding" and encoding.strip().lower() not in ("", "identity"):
+                continue  # forwarded decoded, so it must not claim an encoding
+            out_headers.add(name, value)
+        response = web.StreamResponse(status=status, reason=upstream.reason, headers=out_headers)
+        t = perf_counter()
+        try:
+            await response.prepare(request)
+        except ConnectionError as exc:
+            raise _ClientGone(response) from exc
+        call.client_wait += perf_counter() - t
+
+        copied = 0
+        content = upstream.content
+        try:
+            while True:
+                t = perf_counter()
+                chunk = await content.readany()
+                call.upstream_wait += perf_counter() - t
+                if not chunk:
+                    break
+                if strip:
+                    assert observer is not None and decoder is not None
+                    out = observer.feed(decoder(chunk))
+                    if out:
+                        t = perf_counter()
+                        await _write(response, out)
+                        call.client_wait += perf_counter() - t
+                else:
+                    t = perf_counter()
+                    await _write(response, chunk)
+                    call.client_wait += perf_counter() - t
+                    if observer is not None:
+                        assert decoder is not None
+                        observer.feed(decoder(chunk))
+                    elif json_copy is not None and copied < MAX_PARSE_BYTES:
+                        assert decoder is not None
+                        decoded = decoder(chunk)
+                        copied += len(decoded)
+                        json_copy.append(decoded)
+                if call.ttft is None and observer is not None and observer.saw_content:
+                    call.ttft = perf_counter() - call.started
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            # The upstream broke off: end the client's response abruptly the same way, never cleanly.
+            if strip and observer is not None:
+                tail = observer.close()
+                if tail:
+                    await _write(response, tail)
+            elif observer is not None:
+                observer.close()
+            call.info = observer.result() if observer is not None else None
+            kind = "timeout" if isinstance(exc, asyncio.TimeoutError) else "stream_interrupted"
+            self._finish(call, status, kind)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except zlib.error:
+            # A corrupt compressed body: the client gets it as sent; usage cannot be read.
+            log.warning("undecodable %s body from upstream on request %s", encoding, call.request_id)
+            observer = None
+            json_copy = None
+
+        if observer is not None:
+            tail = observer.close()
+            if strip and tail:
+                await _write(response, tail)
+            call.info = observer.result()
+            if error_type is None and not call.info.complete:
+                error_type = "stream_interrupted"
+        elif json_copy is not None and shape is not None and copied <= MAX_PARSE_BYTES:
+            call.info = shape.parse_response(b"".join(json_copy))
+        t = perf_counter()
+        try:
+            await response.write_eof()
+        except ConnectionError as exc:
+            raise _ClientGone(response) from exc
+        call.client_wait += perf_counter() - t
+        self._finish(call, status, error_type)
+        return response
+
+    # -- finishing -------------------------------------------------------------------------
+    def _reject(
+        self,
+        call: _Call,
+        status: int,
+        message: str,
+        code: str,
+        error_type: str | None = None,
+        provider: str | None = None,
+    ) -> web.Response:
+        body = error_body(provider or call.provider or "openai", status, message, code)
+        self._finish(call, status, error_type)
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    def _finish(self, call: _Call, status: int, error_type: str | None) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        now = perf_counter()
+        duration = now - call.started
+        info = call.info
+        if info is None and call.observer is not None:
+            call.observer.close()
+            info = call.observer.result()
+        usage = info.usage if info is not None else Usage()
+        route = call.route
+        ids = call.ids
+        record = CallRecord(
+            request_id=call.request_id,
+            started_at=call.started_wall,
+            finished_at=call.started_wall + duration,
+            tenant=call.tenant,
+            upstream=route.name if route else "",
+            provider=call.provider,
+            operation=call.shape.operation if call.shape else "other",
+            method=call.request.method,
+            path=call.request.rel_url.raw_path,
+            stream=call.stream,
+            status=status,
+            error_type=error_type,
+            request_model=call.request_model,
+            response_model=info.model if info is not None else None,
+            duration_s=duration,
+            ttft_s=call.ttft,
+            overhead_s=max(0.0, duration - call.upstream_wait - call.client_wait),
+            usage=usage,
+            response_id=info.response_id if info is not None else None,
+            finish_reasons=info.finish_reasons if info is not None else (),
+            service_tier=info.service_tier if info is not None else None,
+            server_address=route.host if route else "",
+            server_port=route.port if route else 0,
+            trace_id=ids.trace_id if ids else None,
+            span_id=ids.span_id if ids else None,
+            parent_span_id=ids.parent_span_id if ids else None,
+            trace_sampled=ids.sampled if ids else False,
+            tracestate=ids.tracestate if ids else None,
+        )
+        self.pipeline.submit(record, self._estimate_request(call, status, error_type, usage, info))
+
+    @staticmethod
+    def _estimate_request(
+        call: _Call, status: int, error_type: str | None, usage: Usage, info: ResponseInfo | None
+    ) -> EstimateRequest | None:
+        """What to count locally: only for calls the upstream served (or began to) without usage."""
+        shape = call.shape
+        if shape is None or not call.upstream_called:
+            return None
+        served = (status < 300 and call.status and call.status < 300) or error_type == "client_abort"
+        if not served:
+            return None
+        need_input = usage.input is None
+        need_output = usage.output is None and shape.operation != "embeddings"
+        if not (need_input or need_output):
+            return None
+        return EstimateRequest(
+            shape=shape,
+            request_body=call.body if need_input else None,
+            output_text=(info.output_text if info is not None else "") if need_output else None,
+        )

@@ -1,0 +1,107 @@
+"""The sink protocol: how one finished-call record reaches metrics, traces, the ledger and rules.
+
+A sink's :meth:`Sink.offer` is called on the event loop for every finished call and
+must return at once: it either queues the record and returns ``True``, or refuses it
+and returns ``False`` (the pipeline then counts ``llm_sink_dropped_total{sink}``).
+A sink that may not lose records (the ledger) never returns ``False``: it spills to
+its own journal instead.
+
+:class:`QueueSink` is the usual shape: a bounded queue drained by one worker task
+that hands batches to :meth:`QueueSink.handle`; exceptions are logged and counted,
+never raised into the request.
+
+May import asyncio and logging; no third-party library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from sidecar.model import CallRecord
+
+log = logging.getLogger("sidecar.sinks")
+
+
+class Sink(Protocol):
+    """A consumer of finished-call records."""
+
+    name: str
+
+    def offer(self, record: CallRecord) -> bool:
+        """Queue ``record`` without waiting; ``False`` means it was dropped."""
+
+    async def start(self) -> None:
+        """Start background work (called once, on the running loop)."""
+
+    async def stop(self, timeout: float) -> None:
+        """Flush what is queued (up to ``timeout`` seconds) and stop."""
+
+
+class QueueSink:
+    """A bounded queue and one worker handing batches to :meth:`handle`.
+
+    Subclasses implement :meth:`handle`; blocking work inside it must go through
+    ``asyncio.to_thread`` (or an executor) so the loop never waits on it.
+    """
+
+    name = "sink"
+
+    def __init__(self, maxsize: int = 10_000, batch: int = 256) -> None:
+        self._queue: asyncio.Queue[CallRecord] = asyncio.Queue(maxsize)
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0  # batches whose handle() raised
+
+    def offer(self, record: CallRecord) -> bool:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    @property
+    def pending(self) -> int:
+        """Records queued and not yet handled."""
+        return self._queue.qsize()
+
+    async def handle(self, records: list[CallRecord]) -> None:
+        """Consume one batch (in arrival order)."""
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"sink:{self.name}")
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while len(batch) < self._batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
+            try:
+                await self.handle(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.failures += 1
+                log.exception("sink %s failed on a batch of %d records", self.name, len(batch))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def stop(self, timeout: float) -> None:
+        """Wait until the queue is drained (bounded by ``timeout``), then stop the worker."""
+        if self._task is None:
+            return
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._queue.join(), timeout)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
