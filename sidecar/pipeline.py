@@ -86,10 +86,14 @@ class Pipeline:
         model = record.model
         match = self.prices.lookup(model)
         if match is None:
-            self._log_once(logging.WARNING, model, "no price for model %r: its calls are counted as unpriced", model)
+            self._log_once(
+                logging.WARNING, model, "no price for model %r: its calls are counted as unpriced", model
+            )
             return dataclasses.replace(record, price_version=self.prices.version)
         if match.kind != "exact":
-            self._log_once(logging.INFO, model, "model %r priced as %r (%s match)", model, match.name, match.kind)
+            self._log_once(
+                logging.INFO, model, "model %r priced as %r (%s match)", model, match.name, match.kind
+            )
         return dataclasses.replace(
             record,
             cost_usd=cost(usage, match.price, record.service_tier),
