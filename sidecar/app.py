@@ -63,7 +63,7 @@ class Sidecar:
         self.config_path = config_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(self.registry, max_tenants=config.tenants.max_distinct)
-        self.prices = load_prices(config)
+        self.prices: pricing.PriceTable | None = None  # loaded in start(), off the event loop
         self.estimator = Estimator()
         self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size)]
         self.sinks.extend(extra_sinks or [])
@@ -76,7 +76,7 @@ class Sidecar:
         self.proxy_port = 0
         self.admin_port = 0
         self.ready = False
-        self.admin_token = self._read_admin_token(config)
+        self.admin_token: str | None = None
 
     @staticmethod
     def _read_admin_token(config: Config) -> str | None:
@@ -92,6 +92,8 @@ class Sidecar:
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind both listeners and start the pipeline."""
+        self.prices = await asyncio.to_thread(load_prices, self.config)
+        self.admin_token = await asyncio.to_thread(self._read_admin_token, self.config)
         self.session = aiohttp.ClientSession(
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),

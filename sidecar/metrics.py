@@ -103,6 +103,12 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
+        self.malformed = Counter(
+            "llm_malformed_responses_total",
+            "Upstream JSON or SSE bodies that could not be parsed (forwarded unchanged)",
+            ["upstream", "provider"],
+            registry=registry,
+        )
         self.inflight = Gauge("llm_inflight_requests", "Calls in flight", ["upstream"], registry=registry)
         self.unpriced = Counter(
             "llm_unpriced_requests_total",
@@ -163,6 +169,8 @@ class Metrics:
         if record.ttft_s is not None:
             self.ttft.labels(*labels).observe(record.ttft_s, exemplar)
         self.overhead.observe(record.overhead_s)
+        if record.malformed:
+            self.malformed.labels(record.upstream, record.provider).inc()
 
 
 class MetricsSink(QueueSink):

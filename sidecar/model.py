@@ -110,6 +110,7 @@ class CallRecord:
     response_id: str | None = None
     finish_reasons: tuple[str, ...] = ()
     service_tier: str | None = None
+    malformed: bool = False  # the upstream's JSON or SSE could not be parsed (passed on unchanged)
     server_address: str = ""
     server_port: int = 0
     # W3C trace context of the sidecar's span for this call (hex, lower case). The proxy

@@ -621,6 +621,7 @@ class Proxy:
             response_id=info.response_id if info is not None else None,
             finish_reasons=info.finish_reasons if info is not None else (),
             service_tier=info.service_tier if info is not None else None,
+            malformed=info.malformed if info is not None else False,
             server_address=route.host if route else "",
             server_port=route.port if route else 0,
             trace_id=ids.trace_id if ids else None,

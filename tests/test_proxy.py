@@ -7,11 +7,13 @@ import asyncio
 import gzip
 import json
 import socket
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
 import pytest
+from blockbuster import blockbuster_ctx
 
 from sidecar import pricing
 from sidecar.sse import SSEDecoder
@@ -20,6 +22,13 @@ from tests.harness import make_config, running_sidecar, sample
 from tests.replay_upstream import ReplayUpstream
 
 M = Decimal(1_000_000)
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls_in_sidecar() -> Iterator[None]:
+    """Fail any test in which sidecar code makes a blocking call on the event loop."""
+    with blockbuster_ctx("sidecar"):
+        yield
 
 
 def fixture_bytes(fixtures_dir: Path, name: str) -> bytes:
@@ -282,14 +291,14 @@ async def test_cut_stream_is_abrupt_for_client_and_estimated(
     counts = {c.type: c for c in record.token_counts()}
     assert counts["input"].source == "estimated" and counts["output"].source == "estimated"
     estimator = Estimator()
-    assert counts["input"].count == estimator.count(prompt, "gpt-4o-mini")
+    assert counts["input"].count == await asyncio.to_thread(estimator.count, prompt, "gpt-4o-mini")
     # The output estimate counts exactly the text the client received.
     text = ""
     for event in SSEDecoder().feed(raw[:cut]):
         if event.data.startswith("{"):
             for choice in json.loads(event.data)["choices"]:
                 text += choice.get("delta", {}).get("content") or ""
-    assert counts["output"].count == estimator.count(text, "gpt-4o-mini")
+    assert counts["output"].count == await asyncio.to_thread(estimator.count, text, "gpt-4o-mini")
     assert sample(sc, "llm_tokens_total", type="output", source="estimated") == counts["output"].count
     assert sample(sc, "llm_errors_total", error_type="stream_interrupted") == 1
 
@@ -571,3 +580,27 @@ async def test_metrics_endpoint_text_and_openmetrics(replay_upstream: ReplayUpst
         replay_upstream.serve_raw(404, b"upstream says no")
         async with s.get(f"http://127.0.0.1:{sc.proxy_port}/metrics") as r:
             assert await r.read() == b"upstream says no"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type"),
+    [
+        ("/v1/chat/completions", b'{"id": "x", "usage": {"prompt_tokens": 3', "application/json"),
+        ("/v1/chat/completions", b"data: {not json}\n\ndata: [DONE]\n\n", "text/event-stream"),
+        ("/anthropic/v1/messages", b'event: message_start\r\ndata: {"type\r\n\r\n', "text/event-stream"),
+    ],
+)
+async def test_malformed_upstream_body_passes_unchanged_and_is_counted(
+    replay_upstream: ReplayUpstream, path: str, body: bytes, content_type: str
+) -> None:
+    replay_upstream.serve_raw(200, body, {"Content-Type": content_type})
+    cfg = make_config(openai_upstream(replay_upstream.url) + anthropic_upstream(replay_upstream.url))
+    async with running_sidecar(cfg) as (sc, collect), aiohttp.ClientSession() as s:
+        status, _, got = await post(
+            s, f"http://127.0.0.1:{sc.proxy_port}{path}", {"model": "gpt-4o-mini", "stream": True}
+        )
+        (record,) = await collect.wait_for(1)
+        assert status == 200 and got == body
+        assert record.malformed
+        assert sample(sc, "llm_malformed_responses_total") == 1
+        assert sample(sc, "llm_requests_total", code="200") == 1
