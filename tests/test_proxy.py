@@ -604,3 +604,34 @@ async def test_malformed_upstream_body_passes_unchanged_and_is_counted(
         assert record.malformed
         assert sample(sc, "llm_malformed_responses_total") == 1
         assert sample(sc, "llm_requests_total", code="200") == 1
+
+
+@pytest.mark.parametrize("encoding", ["br", "deflate", "gzip"])
+async def test_compressed_json_forwarded_byte_for_byte(
+    replay_upstream: ReplayUpstream, fixtures_dir: Path, encoding: str
+) -> None:
+    import zlib
+
+    import brotli
+
+    plain = fixture_bytes(fixtures_dir, "openai_chat_nonstream_reasoning_gpt5nano.json")
+    compressed = {
+        "br": brotli.compress(plain),
+        "deflate": zlib.compress(plain),
+        "gzip": gzip.compress(plain),
+    }[encoding]
+    replay_upstream.serve_raw(
+        200, compressed, {"Content-Type": "application/json", "Content-Encoding": encoding}
+    )
+    cfg = make_config(openai_upstream(replay_upstream.url))
+    async with running_sidecar(cfg) as (sc, collect), aiohttp.ClientSession(auto_decompress=False) as s:
+        status, headers, body = await post(
+            s,
+            f"http://127.0.0.1:{sc.proxy_port}/v1/chat/completions",
+            {"model": "gpt-5-nano"},
+            **{"accept-encoding": encoding},
+        )
+        (record,) = await collect.wait_for(1)
+    assert status == 200 and body == compressed and headers["Content-Encoding"] == encoding
+    u = record.usage
+    assert (u.input, u.output, u.reasoning, u.cached_input) == (11, 202, 192, 0)
