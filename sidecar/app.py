@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,13 +27,16 @@ from prometheus_client.exposition import choose_encoder
 
 from sidecar import config as config_mod
 from sidecar import pricing
+from sidecar.calllog import CallLogSink, LogSettings
 from sidecar.config import Config
 from sidecar.errors import ConfigError, Problem
+from sidecar.ledger import Ledger, LedgerSettings
 from sidecar.metrics import Metrics, MetricsSink
 from sidecar.pipeline import Pipeline
 from sidecar.proxy import Proxy, ProxySettings
 from sidecar.sinks import Sink
 from sidecar.tokens import Estimator
+from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
 
 log = logging.getLogger("sidecar.app")
 
@@ -65,7 +69,16 @@ class Sidecar:
         self.metrics = Metrics(self.registry, max_tenants=config.tenants.max_distinct)
         self.prices: pricing.PriceTable | None = None  # loaded in start(), off the event loop
         self.estimator = Estimator()
-        self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size)]
+        self.tracing, warnings = resolve_tracing(config.tracing or TracingSection(), os.environ)
+        for warning in warnings:
+            log.warning("tracing: %s", warning)
+        self.ledger = Ledger(config.ledger or LedgerSettings(), config.data_dir, registry=self.registry)
+        self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size), self.ledger]
+        if self.tracing.enabled:
+            self.sinks.append(TracingSink(self.tracing, registry=self.registry))
+        logs = config.logs or LogSettings()
+        if logs.enabled:
+            self.sinks.append(CallLogSink(logs, registry=self.registry))
         self.sinks.extend(extra_sinks or [])
         self._reload_config = reload_config
         self.pipeline: Pipeline | None = None
@@ -102,7 +115,7 @@ class Sidecar:
         )
         self.pipeline = Pipeline(self.sinks, self.metrics, self.prices, self.estimator)
         await self.pipeline.start()
-        self.proxy = Proxy(ProxySettings.from_config(self.config), self.session, self.pipeline, self.metrics)
+        self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
 
         proxy = self.proxy
 
@@ -166,6 +179,11 @@ class Sidecar:
             await self._admin_runner.cleanup()
             self._admin_runner = None
 
+    def _proxy_settings(self, config: Config) -> ProxySettings:
+        return ProxySettings.from_config(
+            config, tracing=self.tracing.enabled, sample_ratio=self.tracing.sample_ratio
+        )
+
     # -- reload ---------------------------------------------------------------------------------
     def reload(self) -> bool:
         """Re-read the config and price table; keep the last good ones on any error."""
@@ -193,7 +211,7 @@ class Sidecar:
         if self.pipeline is not None:
             self.pipeline.prices = new_prices
         if self.proxy is not None:
-            self.proxy.settings = ProxySettings.from_config(new_config)
+            self.proxy.settings = self._proxy_settings(new_config)
         log.info("config reloaded from %s (price table %s)", source, new_prices.version)
         return True
 
@@ -218,7 +236,10 @@ class Sidecar:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         if not self.ready:
-            return web.json_response({"status": "not ready"}, status=503)
+            return web.json_response({"status": "not ready", "reason": "starting or draining"}, status=503)
+        if not self.ledger.healthy():
+            reason = self.ledger.status().reason
+            return web.json_response({"status": "not ready", "reason": f"ledger: {reason}"}, status=503)
         return web.json_response({"status": "ready"})
 
     async def _reload_endpoint(self, request: web.Request) -> web.Response:

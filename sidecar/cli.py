@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 
-from sidecar import __version__, pricing
+from sidecar import __version__, costreport, pricing
 from sidecar import config as config_mod
 from sidecar.errors import ConfigError
 
@@ -64,12 +63,6 @@ async def _serve(args: argparse.Namespace) -> int:
 
     sidecar = Sidecar(cfg, config_path=args.config, reload_config=reload_config)
     await sidecar.start()
-    print(
-        f"llm-sidecar {__version__}: proxy on http://{cfg.listen[0]}:{sidecar.proxy_port}, "
-        f"metrics on http://{cfg.admin.listen[0]}:{sidecar.admin_port}/metrics",
-        file=sys.stderr,
-        flush=True,
-    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -83,6 +76,13 @@ async def _serve(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # Announce readiness only once the signal handlers are in place.
+    print(
+        f"llm-sidecar {__version__}: proxy on http://{cfg.listen[0]}:{sidecar.proxy_port}, "
+        f"metrics on http://{cfg.admin.listen[0]}:{sidecar.admin_port}/metrics",
+        file=sys.stderr,
+        flush=True,
+    )
     await stop.wait()
     log.info("stopping: draining in-flight calls (up to %.0fs)", cfg.shutdown.drain_timeout)
     await sidecar.stop()
@@ -154,10 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=cmd_demo)
 
-    for module in ("sidecar.rules.commands", "sidecar.costreport"):
-        with contextlib.suppress(ImportError):
-            add_commands = __import__(module, fromlist=["add_commands"]).add_commands
-            add_commands(sub)
+    costreport.add_commands(sub)
     return parser
 
 

@@ -90,7 +90,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 from yaml.nodes import MappingNode, Node
@@ -98,6 +98,11 @@ from yaml.nodes import MappingNode, Node
 from sidecar.durations import format_duration
 from sidecar.errors import ConfigError, Problem
 from sidecar.yamlspec import Reader, describe, index, join, locate
+
+if TYPE_CHECKING:  # the sections of the sinks live with their adapters, imported when used
+    from sidecar.calllog import LogSettings
+    from sidecar.ledger import LedgerSettings
+    from sidecar.tracing import TracingSection
 
 __all__ = [
     "CHECKS",
@@ -261,6 +266,10 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     data_dir: Path = Path("sidecar-data")
     sinks: SinksConfig = field(default_factory=SinksConfig)
+    # Sections owned by the sink adapters (None: not in the file, the adapter's defaults apply).
+    tracing: TracingSection | None = None
+    logs: LogSettings | None = None
+    ledger: LedgerSettings | None = None
     source: str = ""
 
     def with_overrides(
@@ -576,6 +585,24 @@ class Section:
     required: bool = False
 
 
+def _parse_tracing(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.tracing import parse_tracing
+
+    return parse_tracing(r, node, path, ctx)
+
+
+def _parse_logs(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.calllog import parse_logs
+
+    return parse_logs(r, node, path, ctx)
+
+
+def _parse_ledger(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.ledger import parse_ledger
+
+    return parse_ledger(r, node, path, ctx)
+
+
 #: Top-level sections, in the order they are read; each name is a :class:`Config` field.
 SECTIONS: dict[str, Section] = {
     "listen": Section(_parse_listen),
@@ -587,6 +614,9 @@ SECTIONS: dict[str, Section] = {
     "shutdown": Section(_parse_shutdown),
     "data_dir": Section(_parse_data_dir),
     "sinks": Section(_parse_sinks),
+    "tracing": Section(_parse_tracing),
+    "logs": Section(_parse_logs),
+    "ledger": Section(_parse_ledger),
 }
 
 

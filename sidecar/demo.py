@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 import socket
@@ -26,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from sidecar.app import Sidecar
+from sidecar.calllog import LogSettings
 from sidecar.config import default_config
 from sidecar.metrics import iter_samples
 from sidecar.mock_upstream import start_mock_upstream
@@ -197,6 +199,8 @@ async def run_demo(duration: float = 30.0, tenants: int = 5, concurrency: int = 
         data_dir=data_dir,
         extra_upstreams=[("anthropic", upstream + "/anthropic", "anthropic", "/anthropic")],
     )
+    # The demo prints its own summary; per-call JSON lines would drown it.
+    cfg = dataclasses.replace(cfg, logs=LogSettings(enabled=False))
     collect = CollectSink()
     sidecar = Sidecar(cfg, extra_sinks=[collect])
     await sidecar.start()
@@ -230,5 +234,8 @@ async def run_demo(duration: float = 30.0, tenants: int = 5, concurrency: int = 
         await runner.cleanup()
     out.write(f"\n{sent} calls sent, {len(collect.records)} records; per tenant:\n\n")
     out.write(summary_table(collect.records) + "\n")
-    out.write(f"\n(the demo's data directory: {data_dir})\n")
+    out.write(
+        f"\nThe usage ledger of this run is in {data_dir}; for the finance view:\n"
+        f"  llm-sidecar cost report --data-dir {data_dir} --by tenant,model\n"
+    )
     return 0 if len(collect.records) == sent else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,8 +52,8 @@ def make_config(upstreams_yaml: str, extra: str = "", tmp: Path | None = None) -
         + "\n"
         + textwrap.dedent(extra)
     )
-    if tmp is not None:
-        text += f"data_dir: {tmp}\n"
+    if "data_dir:" not in text:
+        text += f"data_dir: {tmp if tmp is not None else tempfile.mkdtemp(prefix='sidecar-test-')}\n"
     return config_mod.load(text, "test.yaml")
 
 

@@ -49,7 +49,25 @@ async def sidecar_process(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.
                 found = re.search(r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)", line)
                 if found:
                     break
-        yield proc, int(found.group(1)), int(found.group(2))
+        # Keep draining stderr so the process never blocks on a full pipe; show it on failure.
+        log: list[bytes] = []
+
+        async def drain() -> None:
+            assert proc.stderr is not None
+            while line := await proc.stderr.readline():
+                log.append(line)
+
+        drainer = asyncio.create_task(drain())
+        try:
+            yield proc, int(found.group(1)), int(found.group(2))
+        except BaseException:
+            print("sidecar stderr:\n" + b"".join(log).decode(errors="replace"))
+            raise
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await drainer
     finally:
         if proc.returncode is None:
             proc.kill()

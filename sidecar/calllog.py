@@ -1,0 +1,283 @@
+"""Structured call logs: one JSON line per finished call, written off the request path.
+
+:func:`to_log_line` is pure: a :class:`~sidecar.model.CallRecord` in, one line of
+JSON out (no newline). :func:`level_of` and :func:`keep` decide whether a record
+is logged at all: successful calls are logged at ``info`` and may be sampled
+(``sample_success``), failed calls at ``warning`` (the client's side of the
+exchange: upstream 4xx, rate limits, client aborts) or ``error`` (everything else),
+and are never sampled out. Calls below the configured ``level`` are not logged.
+
+:class:`CallLogSink` is the pipeline sink: it filters in :meth:`~CallLogSink.offer`
+(cheap), queues, formats a batch in its worker task and hands the text to a
+single writer thread, because a write to a pipe (stdout read by a slow log
+shipper) can block. A stream that blocks fills the queue, and further records
+are refused (counted by the pipeline as ``llm_sink_dropped_total{sink="calllog"}``)
+rather than slowing any call.
+
+Line fields (absent values are ``null``)::
+
+    time            ISO 8601 UTC of the end of the call, millisecond precision
+    level           info | warning | error
+    event           "llm_call"
+    request_id, trace_id, span_id, tenant, upstream, provider, operation, model,
+    request_model, response_model, method, stream, status, error_type
+    duration_s, ttft_s, overhead_s          seconds
+    tokens          {"input": {"count": 12, "source": "reported"}, "output": {...}, ...}
+                    only the types that have a count (see sidecar.model.TOKEN_TYPES)
+    tokens_source   reported | estimated | mixed (null when no type has a count)
+    cost_usd        number (the ledger keeps the exact decimal), null when unpriced
+    price_version   content hash of the price table that priced the call
+
+May import asyncio and the standard library (and prometheus_client for its counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TextIO
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from yaml.nodes import Node
+
+from sidecar.model import CallRecord
+from sidecar.sinks import QueueSink
+from sidecar.yamlspec import Reader, join
+
+__all__ = [
+    "LEVELS",
+    "CallLogSink",
+    "LogSettings",
+    "keep",
+    "level_of",
+    "parse_logs",
+    "to_log_line",
+    "tokens_source",
+]
+
+log = logging.getLogger("sidecar.calllog")
+
+#: Levels of call lines, lowest first.
+LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+_RANK = {name: i for i, name in enumerate(LEVELS)}
+
+#: Error types that are about the client's side of the exchange: logged at warning.
+_CLIENT_SIDE_ERRORS = frozenset({"upstream_4xx", "rate_limited", "client_abort"})
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """The ``logs`` config section.
+
+    ``stream`` is where lines go (``stdout`` or ``stderr``); ``level`` is the lowest
+    level of call lines written; ``sample_success`` the fraction of successful calls
+    written (0 to 1; errors are always written); ``queue_size`` bounds the sink's queue.
+    """
+
+    enabled: bool = True
+    stream: str = "stdout"
+    level: str = "info"
+    sample_success: float = 1.0
+    queue_size: int = 10_000
+
+
+def parse_logs(r: Reader, node: Node, path: str, ctx: object = None) -> LogSettings:
+    """Parse the ``logs`` section (``{enabled, stream, level, sample_success, queue_size}``).
+
+    Problems are recorded on ``r`` with their location; a wrong value falls back to
+    its default. ``ctx`` is accepted for the config loader's section signature.
+    """
+    d = LogSettings()
+    m = r.mapping(node, path, ("enabled", "stream", "level", "sample_success", "queue_size"))
+    if m is None:
+        return d
+    rate = r.number(m.get("sample_success"), join(path, "sample_success"), d.sample_success)
+    if not 0.0 <= rate <= 1.0:
+        r.problem(
+            m.get("sample_success"), join(path, "sample_success"), f"must be between 0 and 1, got {rate}"
+        )
+        rate = d.sample_success
+    return LogSettings(
+        enabled=r.boolean(m.get("enabled"), join(path, "enabled"), d.enabled),
+        stream=r.string(m.get("stream"), join(path, "stream"), d.stream, choices=("stdout", "stderr")),
+        level=r.string(m.get("level"), join(path, "level"), d.level, choices=LEVELS),
+        sample_success=rate,
+        queue_size=r.integer(m.get("queue_size"), join(path, "queue_size"), d.queue_size, minimum=1),
+    )
+
+
+# -- pure formatting ------------------------------------------------------------------
+
+
+def level_of(record: CallRecord) -> str:
+    """The level of a call's line: ``info`` on success, ``warning`` or ``error`` on failure."""
+    if record.error_type is None:
+        return "info"
+    return "warning" if record.error_type in _CLIENT_SIDE_ERRORS else "error"
+
+
+def keep(record: CallRecord, settings: LogSettings) -> bool:
+    """Whether the call is logged: at or above ``level``, and errors always, successes sampled.
+
+    Sampling is deterministic per request id (a hash, not a coin toss), so a given
+    call is either logged or not however often the decision is made.
+    """
+    level = level_of(record)
+    if _RANK[level] < _RANK.get(settings.level, 1):
+        return False
+    if record.error_type is not None or settings.sample_success >= 1.0:
+        return True
+    if settings.sample_success <= 0.0:
+        return False
+    bucket = zlib.crc32(record.request_id.encode("utf-8", "replace")) / 2**32
+    return bucket < settings.sample_success
+
+
+def tokens_source(record: CallRecord) -> str | None:
+    """``reported``, ``estimated`` or ``mixed``: where the call's token counts came from."""
+    sources = {count.source for count in record.token_counts()}
+    if not sources:
+        return None
+    return sources.pop() if len(sources) == 1 else "mixed"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
+
+
+def to_log_line(record: CallRecord) -> str:
+    """The call's JSON line (no trailing newline); see the module docstring for the fields."""
+    finished = record.finished_at or record.started_at + record.duration_s
+    tokens = {count.type: {"count": count.count, "source": count.source} for count in record.token_counts()}
+    fields: dict[str, object] = {
+        "time": _iso(finished),
+        "level": level_of(record),
+        "event": "llm_call",
+        "request_id": record.request_id,
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "tenant": record.tenant,
+        "upstream": record.upstream,
+        "provider": record.provider or None,
+        "operation": record.operation,
+        "model": record.model,
+        "request_model": record.request_model,
+        "response_model": record.response_model,
+        "method": record.method,
+        "stream": record.stream,
+        "status": record.status,
+        "error_type": record.error_type,
+        "duration_s": _round(record.duration_s),
+        "ttft_s": _round(record.ttft_s),
+        "overhead_s": _round(record.overhead_s),
+        "tokens": tokens,
+        "tokens_source": tokens_source(record),
+        "cost_usd": float(record.cost_usd) if record.cost_usd is not None else None,
+        "price_version": record.price_version or None,
+    }
+    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+# -- the sink -------------------------------------------------------------------------
+
+
+class _Counters(Collector):
+    """``llm_calllog_*`` counters, read at scrape time."""
+
+    def __init__(self, sink: CallLogSink) -> None:
+        self.sink = sink
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "llm_calllog_lines", "Call log lines written", value=self.sink.lines_written
+        )
+        yield CounterMetricFamily(
+            "llm_calllog_sampled_out",
+            "Successful calls not logged because of sampling or the level",
+            value=self.sink.filtered,
+        )
+        yield CounterMetricFamily(
+            "llm_calllog_write_errors",
+            "Batches of call log lines that could not be written",
+            value=self.sink.write_errors,
+        )
+
+
+class CallLogSink(QueueSink):
+    """Writes one JSON line per kept call to ``stream`` (``sys.stdout`` or ``sys.stderr`` by default).
+
+    The stream is written from one dedicated thread, in arrival order, and flushed
+    after each batch. ``registry`` (optional) gets the ``llm_calllog_*`` counters.
+    """
+
+    name = "calllog"
+
+    def __init__(
+        self,
+        settings: LogSettings,
+        stream: TextIO | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        super().__init__(maxsize=settings.queue_size)
+        self.settings = settings
+        if stream is None:
+            stream = sys.stderr if settings.stream == "stderr" else sys.stdout
+        self.stream = stream
+        self._executor: ThreadPoolExecutor | None = None
+        self.lines_written = 0
+        self.filtered = 0
+        self.write_errors = 0
+        if registry is not None:
+            registry.register(_Counters(self))
+
+    def offer(self, record: CallRecord) -> bool:
+        """Queue the record if it is to be logged; a record filtered out counts as accepted."""
+        if not self.settings.enabled:
+            return True
+        if not keep(record, self.settings):
+            self.filtered += 1
+            return True
+        return super().offer(record)
+
+    async def start(self) -> None:
+        """Start the writer thread and the worker task."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-calllog")
+        await super().start()
+
+    async def handle(self, records: list[CallRecord]) -> None:
+        """Format a batch and write it from the writer thread."""
+        text = "".join(to_log_line(record) + "\n" for record in records)
+        assert self._executor is not None, "start() first"
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._write, text, len(records))
+
+    def _write(self, text: str, count: int) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:  # ValueError: the stream was closed
+            self.write_errors += 1
+            log.warning("cannot write %d call log lines: %s", count, exc)
+            return
+        self.lines_written += count
+
+    async def stop(self, timeout: float) -> None:
+        """Write what is queued (up to ``timeout`` seconds), then stop the worker and the thread."""
+        await super().stop(timeout)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None

@@ -1,0 +1,382 @@
+"""The usage ledger: rows, batching, the journal when the database cannot take rows, replay
+exactly once, retention, the lock, totals. Real SQLite files in a temporary directory."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blockbuster import blockbuster_ctx
+from prometheus_client import CollectorRegistry
+
+from sidecar.errors import ConfigError
+from sidecar.ledger import (
+    COLUMNS,
+    Journal,
+    Ledger,
+    LedgerLockedError,
+    LedgerSettings,
+    parse_ledger,
+    row_to_record,
+    to_row,
+)
+from sidecar.model import CallRecord, Usage
+from sidecar.yamlspec import Reader
+
+DAY = 86400.0
+BASE = CallRecord(
+    request_id="req",
+    started_at=1735689600.25,
+    finished_at=1735689601.5,
+    tenant="acme",
+    upstream="openai",
+    provider="openai",
+    operation="chat",
+    method="POST",
+    path="/v1/chat/completions",
+    stream=True,
+    status=200,
+    error_type=None,
+    request_model="gpt-4o",
+    response_model="gpt-4o-2024-08-06",
+    duration_s=1.25,
+    ttft_s=0.5,
+    usage=Usage(input=100, cached_input=40, cache_write=10, cache_write_1h=4, output=20),
+    estimated=Usage(reasoning=3),
+    cost_usd=Decimal("0.000123456789"),
+    price_model="gpt-4o",
+    price_version="v1hash",
+    service_tier="default",
+    trace_id="0af7651916cd43dd8448eb211c80319c",
+    span_id="b7ad6b7169203331",
+)
+FAST = LedgerSettings(flush_interval=0.02)
+
+
+def rec(i: int = 0, **changes: object) -> CallRecord:
+    return dataclasses.replace(BASE, request_id=f"req-{i}", **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_calls() -> Iterator[None]:
+    with blockbuster_ctx("sidecar"):
+        yield
+
+
+def rows(data_dir: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(data_dir / "ledger.sqlite3")
+    try:
+        cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM calls ORDER BY id")
+        return [dict(zip(COLUMNS, row, strict=True)) for row in cursor]
+    finally:
+        conn.close()
+
+
+async def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.02)
+
+
+# -- the row ---------------------------------------------------------------------------------
+
+
+def test_row_of_a_record() -> None:
+    row = to_row(BASE, "c-1")
+    assert list(row) == list(COLUMNS)
+    assert row == {
+        "call_id": "c-1",
+        "time": "2025-01-01T00:00:00.250Z",
+        "epoch": 1735689600.25,
+        "request_id": "req",
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "span_id": "b7ad6b7169203331",
+        "tenant": "acme",
+        "upstream": "openai",
+        "provider": "openai",
+        "operation": "chat",
+        "model": "gpt-4o-2024-08-06",
+        "request_model": "gpt-4o",
+        "response_model": "gpt-4o-2024-08-06",
+        "stream": 1,
+        "status": 200,
+        "error_type": None,
+        "input_tokens": 100,
+        "input_tokens_source": "reported",
+        "cached_input_tokens": 40,
+        "cached_input_tokens_source": "reported",
+        "cache_write_tokens": 10,
+        "cache_write_tokens_source": "reported",
+        "cache_write_1h_tokens": 4,
+        "output_tokens": 20,
+        "output_tokens_source": "reported",
+        "reasoning_tokens": 3,
+        "reasoning_tokens_source": "estimated",
+        "estimated_tokens": 0,
+        "cost_usd": "0.000123456789",
+        "price_model": "gpt-4o",
+        "price_version": "v1hash",
+        "service_tier": "default",
+        "duration_s": 1.25,
+        "ttft_s": 0.5,
+    }
+    estimated = to_row(rec(usage=Usage(), estimated=Usage(input=7, output=5), cost_usd=Decimal("1E-7")), "c")
+    assert (estimated["estimated_tokens"], estimated["input_tokens_source"]) == (12, "estimated")
+    assert estimated["cost_usd"] == "0.0000001"  # never scientific notation
+    assert to_row(rec(cost_usd=None), "c")["cost_usd"] is None
+
+
+def test_record_round_trip() -> None:
+    back = row_to_record(to_row(BASE, "c"))
+    assert back.token_counts() == BASE.token_counts()
+    assert (back.cost_usd, back.model, back.tenant, back.ttft_s) == (BASE.cost_usd, BASE.model, "acme", 0.5)
+    assert back.usage.cache_write_1h == 4
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+async def test_rows_are_written_in_batches(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    ledger = Ledger(LedgerSettings(batch_size=100, flush_interval=0.05), tmp_path, registry=registry)
+    await ledger.start()
+    for i in range(1000):
+        assert ledger.offer(rec(i)) is True
+    assert await ledger.flush()
+    status = ledger.status()
+    assert status.healthy and status.reason == "ok"
+    assert (status.rows_written, status.spilled, status.backlog) == (1000, 0, 0)
+    assert status.batches_written <= 15, status.batches_written  # ~100 rows per transaction
+    await ledger.stop(5.0)
+    written = rows(tmp_path)
+    assert [r["request_id"] for r in written] == [f"req-{i}" for i in range(1000)]
+    assert written[0] == {**to_row(rec(0), str(written[0]["call_id"]))}
+    assert len({r["call_id"] for r in written}) == 1000
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite3")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert registry.get_sample_value("llm_ledger_rows_written_total") == 1000
+    assert registry.get_sample_value("llm_ledger_healthy") == 0  # stopped
+    assert not (tmp_path / "ledger.journal").exists()
+
+
+async def test_full_queue_spills_to_the_journal_and_loses_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(LedgerSettings(queue_size=20, batch_size=20, flush_interval=0.01), tmp_path)
+    await ledger.start()
+    for i in range(2000):  # no await between offers: the writer cannot keep the queue short
+        ledger.offer(rec(i))
+    assert await ledger.flush()
+    spilled = ledger.status().spilled
+    assert spilled > 0
+    await ledger.stop(10.0)  # stop folds the journal into the database
+    status = ledger.status()
+    assert status.rows_written + status.replayed == 2000
+    assert status.replayed == spilled and status.lost == 0
+    assert sorted(r["request_id"] for r in rows(tmp_path)) == sorted(f"req-{i}" for i in range(2000))
+    assert not await asyncio.to_thread(Journal(tmp_path / "ledger.journal").pending)
+
+
+async def test_unavailable_database_spills_then_replays_exactly_once(tmp_path: Path) -> None:
+    """The database path is a directory (an honest "cannot open", also as root): records go to
+    the journal, the ledger says why it is not healthy, and once the path is freed the journal
+    is replayed into the database, each row once."""
+    blocker = tmp_path / "ledger.sqlite3"
+    blocker.mkdir()
+    (blocker / "keep").write_text("x")
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    for i in range(300):
+        ledger.offer(rec(i))
+    assert await ledger.flush()
+    status = ledger.status()
+    assert not status.healthy and not ledger.healthy()
+    assert "database unavailable" in status.reason and "spilling to the journal" in status.reason
+    assert (status.spilled, status.rows_written) == (300, 0)
+    assert (tmp_path / "ledger.journal").stat().st_size > 0
+
+    await asyncio.to_thread(shutil.rmtree, blocker)
+    await wait_until(lambda: ledger.status().replayed == 300)
+    for i in range(300, 400):
+        ledger.offer(rec(i))
+    await ledger.flush()
+    await wait_until(lambda: ledger.status().rows_written == 100)
+    status = ledger.status()
+    assert status.healthy, status.reason
+    await ledger.stop(5.0)
+    assert sorted(r["request_id"] for r in rows(tmp_path)) == sorted(f"req-{i}" for i in range(400))
+
+
+async def test_replay_after_restart_and_twice_is_exactly_once(tmp_path: Path) -> None:
+    blocker = tmp_path / "ledger.sqlite3"
+    blocker.mkdir()
+    first = Ledger(FAST, tmp_path)
+    await first.start()
+    for i in range(250):
+        first.offer(rec(i))
+    await first.stop(5.0)  # the database never opened: everything is in the journal
+    journal = tmp_path / "ledger.journal"
+    assert len(journal.read_text().splitlines()) == 250
+    saved = journal.read_bytes()
+    blocker.rmdir()
+
+    second = Ledger(FAST, tmp_path)
+    await second.start()  # replays on start
+    await wait_until(lambda: second.status().replayed == 250)
+    await second.stop(5.0)
+    assert len(rows(tmp_path)) == 250 and not journal.exists()
+
+    # A crash after the commit and before the journal was deleted: the same lines come back.
+    journal.write_bytes(saved)
+    third = Ledger(FAST, tmp_path)
+    await third.start()
+    await wait_until(lambda: third.status().replay_duplicates == 250)
+    await third.stop(5.0)
+    assert third.status().replayed == 0
+    assert len(rows(tmp_path)) == 250
+
+
+async def test_torn_journal_line_is_skipped_and_not_glued(tmp_path: Path) -> None:
+    blocker = tmp_path / "ledger.sqlite3"
+    blocker.mkdir()
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    ledger.offer(rec(1))
+    await ledger.flush()
+    await ledger.stop(5.0)
+    journal = tmp_path / "ledger.journal"
+    with journal.open("a") as file:
+        file.write('{"v":1,"row":{"call_id":"torn","ep')  # a kill in the middle of a write
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    ledger.offer(rec(2))
+    await ledger.flush()
+    await ledger.stop(5.0)
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 3 and lines[1].endswith('"ep')  # the new line did not glue onto the torn one
+    blocker.rmdir()
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    await wait_until(lambda: ledger.status().replayed == 2)
+    await ledger.stop(5.0)
+    assert ledger.status().journal_bad_lines == 1
+    assert sorted(r["request_id"] for r in rows(tmp_path)) == ["req-1", "req-2"]
+
+
+async def test_unusable_data_directory_holds_records_until_it_works(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("a file where the directory should be")
+    ledger = Ledger(FAST, data_dir)
+    await ledger.start()
+    for i in range(50):
+        ledger.offer(rec(i))
+    await asyncio.sleep(0.1)
+    status = ledger.status()
+    assert not status.healthy and "data directory unusable" in status.reason
+    assert status.backlog == 50
+    await asyncio.to_thread(data_dir.unlink)
+    await wait_until(lambda: ledger.status().healthy, timeout=15)
+    assert await ledger.flush()
+    await ledger.stop(5.0)
+    assert len(rows(data_dir)) == 50
+
+
+async def test_one_sidecar_per_data_directory(tmp_path: Path) -> None:
+    first = Ledger(FAST, tmp_path)
+    await first.start()
+    with pytest.raises(LedgerLockedError):
+        await Ledger(FAST, tmp_path).start()
+    await first.stop(5.0)
+    again = Ledger(FAST, tmp_path)
+    await again.start()
+    await again.stop(5.0)
+
+
+async def test_retention_prunes_old_rows(tmp_path: Path) -> None:
+    now = BASE.started_at + 100 * DAY
+    settings = LedgerSettings(flush_interval=0.02, retention=30 * DAY)
+    writer = Ledger(LedgerSettings(flush_interval=0.02), tmp_path, clock=lambda: now)
+    await writer.start()
+    for i in range(12000):  # more than one prune chunk
+        writer.offer(rec(i, started_at=now - 40 * DAY))
+    for i in range(12000, 12010):
+        writer.offer(rec(i, started_at=now - 10 * DAY))
+    await writer.stop(10.0)
+    assert len(rows(tmp_path)) == 12010
+
+    ledger = Ledger(settings, tmp_path, clock=lambda: now)
+    await ledger.start()
+    await wait_until(lambda: ledger.status().pruned == 12000)
+    ledger.offer(rec(99999, started_at=now))
+    await ledger.stop(5.0)
+    kept = rows(tmp_path)
+    assert sorted(r["request_id"] for r in kept) == sorted(
+        [*(f"req-{i}" for i in range(12000, 12010)), "req-99999"]
+    )
+
+
+async def test_totals_and_recent(tmp_path: Path) -> None:
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    ledger.offer(rec(1, tenant="a", cost_usd=Decimal("0.1")))
+    ledger.offer(rec(2, tenant="a", cost_usd=Decimal("0.2"), started_at=BASE.started_at + DAY))
+    ledger.offer(rec(3, tenant="b", cost_usd=None, usage=Usage(), estimated=Usage(input=9, output=1)))
+    assert await ledger.flush()
+    groups, total = await ledger.totals(by=["tenant"])
+    assert [(g.keys, g.requests, g.cost_usd) for g in groups] == [
+        (("a",), 2, Decimal("0.3")),
+        (("b",), 1, Decimal(0)),
+    ]
+    assert total.requests == 3 and total.unpriced == 1
+    assert total.tokens["estimated_tokens"] == 10
+    assert total.tokens_by_source[("input", "reported")] == 200
+    assert total.tokens_by_source[("input", "estimated")] == 9
+    _, day_one = await ledger.totals(BASE.started_at, BASE.started_at + DAY)
+    assert day_one.requests == 2  # [from, to): the call exactly at `to` is out
+    recent = await ledger.recent(BASE.started_at + 1)
+    assert [r.request_id for r in recent] == ["req-2"]
+    await ledger.stop(5.0)
+
+
+async def test_offer_is_instant_while_the_database_is_down(tmp_path: Path) -> None:
+    (tmp_path / "ledger.sqlite3").mkdir()
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    calls = [rec(i) for i in range(1000)]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for call in calls:
+        ledger.offer(call)
+    assert loop.time() - started < 0.05
+    await ledger.stop(5.0)
+    assert ledger.status().spilled == 1000
+
+
+def _parse(text: str) -> LedgerSettings:
+    r = Reader("c.yaml")
+    node = r.compose(text)
+    assert node is not None
+    settings = parse_ledger(r, node, "ledger")
+    r.raise_for_problems()
+    return settings
+
+
+def test_parse_section() -> None:
+    assert _parse("{retention: 400d, queue_size: 500, synchronous: normal}") == LedgerSettings(
+        retention=400 * DAY, queue_size=500, synchronous="normal"
+    )
+    assert _parse("{retention: 0}").retention is None
+    with pytest.raises(ConfigError) as info:
+        _parse("{retention: 5m, queue_size: 0, synchronous: off, flush_interval: 0s}")
+    assert sorted(p.field for p in info.value.problems) == [
+        "ledger.flush_interval",
+        "ledger.queue_size",
+        "ledger.retention",
+        "ledger.synchronous",
+    ]
