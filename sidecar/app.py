@@ -27,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 
 from sidecar import config as config_mod
 from sidecar import pricing
+from sidecar.alerting import AlertingSettings, AlertingSink
 from sidecar.calllog import CallLogSink, LogSettings
 from sidecar.config import Config
 from sidecar.errors import ConfigError, Problem
@@ -62,6 +63,8 @@ class Sidecar:
         config_path: str | None = None,
         extra_sinks: list[Sink] | None = None,
         reload_config: Callable[[], Config] | None = None,
+        alerting: AlertingSettings | None = None,
+        alerting_for: Callable[[Config], AlertingSettings] | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -81,6 +84,9 @@ class Sidecar:
             self.sinks.append(CallLogSink(logs, registry=self.registry))
         self.sinks.extend(extra_sinks or [])
         self._reload_config = reload_config
+        self.alerting_settings = alerting
+        self._alerting_for = alerting_for
+        self.alerting: AlertingSink | None = None
         self.pipeline: Pipeline | None = None
         self.proxy: Proxy | None = None
         self.session: aiohttp.ClientSession | None = None
@@ -107,6 +113,12 @@ class Sidecar:
         """Bind both listeners and start the pipeline."""
         self.prices = await asyncio.to_thread(load_prices, self.config)
         self.admin_token = await asyncio.to_thread(self._read_admin_token, self.config)
+        if self.alerting_settings is not None and self.alerting_settings.rule_files:
+            self.alerting = await asyncio.to_thread(
+                AlertingSink.create, self.alerting_settings, self.registry, self.config.data_dir
+            )
+            self.alerting.on_reload_failure = self._count_reload_failures
+            self.sinks.insert(2, self.alerting)
         self.session = aiohttp.ClientSession(
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -116,6 +128,8 @@ class Sidecar:
         self.pipeline = Pipeline(self.sinks, self.metrics, self.prices, self.estimator)
         await self.pipeline.start()
         self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
+        if self.alerting is not None:
+            self.proxy.budget_exceeded = self.alerting.budget_exceeded
 
         proxy = self.proxy
 
@@ -147,6 +161,7 @@ class Sidecar:
         admin_app.router.add_get("/healthz", self._healthz)
         admin_app.router.add_get("/readyz", self._readyz)
         admin_app.router.add_post("/-/reload", self._reload_endpoint)
+        admin_app.router.add_post("/incidents/{id}/ack", self._ack_endpoint)
         self._admin_runner = web.AppRunner(admin_app, access_log=None)
         await self._admin_runner.setup()
         admin_host, admin_port = self.config.admin.listen
@@ -204,6 +219,10 @@ class Sidecar:
             self.metrics.reload_failures.labels(new_config.pricing.file or "prices").inc()
             log.error("price table reload rejected, keeping the running config:\n%s", exc)
             return False
+        if self.alerting is not None:
+            rule_files = self._alerting_for(new_config).rule_files if self._alerting_for else None
+            if self.alerting.reload(rule_files):
+                return False  # counted and logged through on_reload_failure; last good rules keep running
         if new_config.listen != self.config.listen or new_config.admin.listen != self.config.admin.listen:
             log.warning("listen addresses changed in the config: they take effect on restart only")
         self.config = new_config
@@ -214,6 +233,10 @@ class Sidecar:
             self.proxy.settings = self._proxy_settings(new_config)
         log.info("config reloaded from %s (price table %s)", source, new_prices.version)
         return True
+
+    def _count_reload_failures(self, problems: list[Problem]) -> None:
+        for file in {p.file for p in problems} or {"rules"}:
+            self.metrics.reload_failures.labels(file).inc()
 
     # -- admin endpoints ------------------------------------------------------------------------
     def _authorized(self, request: web.Request) -> bool:
@@ -241,6 +264,17 @@ class Sidecar:
             reason = self.ledger.status().reason
             return web.json_response({"status": "not ready", "reason": f"ledger: {reason}"}, status=503)
         return web.json_response({"status": "ready"})
+
+    async def _ack_endpoint(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        if self.alerting is None:
+            return web.json_response({"error": "no alert rules are loaded"}, status=404)
+        incident = request.match_info["id"]
+        by = request.query.get("by") or request.headers.get("X-Acked-By") or "admin"
+        if not self.alerting.ack(incident, by=by[:128]):
+            return web.json_response({"error": f"unknown incident {incident[:64]}"}, status=404)
+        return web.json_response({"acknowledged": incident, "by": by[:128]})
 
     async def _reload_endpoint(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from sidecar import __version__, costreport, pricing
 from sidecar import config as config_mod
 from sidecar.errors import ConfigError
+from sidecar.rules import commands as rule_commands
 
 log = logging.getLogger("sidecar.cli")
 
@@ -54,6 +55,7 @@ def _print_problems(exc: ConfigError) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from sidecar.alerting import AlertingSettings, settings_from
     from sidecar.app import Sidecar
 
     cfg = _load_config(args)
@@ -61,7 +63,16 @@ async def _serve(args: argparse.Namespace) -> int:
     def reload_config() -> config_mod.Config:
         return _load_config(args)
 
-    sidecar = Sidecar(cfg, config_path=args.config, reload_config=reload_config)
+    def alerting_settings(config: config_mod.Config) -> AlertingSettings:
+        return settings_from(config.rules, config.notify, rule_flags=args.rules, notify_flags=args.notify)
+
+    sidecar = Sidecar(
+        cfg,
+        config_path=args.config,
+        reload_config=reload_config,
+        alerting=alerting_settings(cfg),
+        alerting_for=alerting_settings,
+    )
     await sidecar.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -138,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pricing", metavar="FILE", help="price table (default: the packaged catalogue)")
     run.add_argument("--config", metavar="FILE", help="YAML config file (flags override it)")
     run.add_argument("--data-dir", metavar="DIR", help="data directory (default ./sidecar-data)")
+    run.add_argument(
+        "--rules",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="alert rule file or directory (repeatable)",
+    )
+    run.add_argument(
+        "--notify",
+        metavar="NAME=URL",
+        action="append",
+        default=[],
+        help="notification channel NAME with an apprise URL (repeatable)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.set_defaults(func=cmd_run)
 
@@ -154,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     demo.set_defaults(func=cmd_demo)
 
+    rule_commands.add_commands(sub)
     costreport.add_commands(sub)
     return parser
 

@@ -100,6 +100,7 @@ from sidecar.errors import ConfigError, Problem
 from sidecar.yamlspec import Reader, describe, index, join, locate
 
 if TYPE_CHECKING:  # the sections of the sinks live with their adapters, imported when used
+    from sidecar.alerting import NotifyConfig, RulesConfig
     from sidecar.calllog import LogSettings
     from sidecar.ledger import LedgerSettings
     from sidecar.tracing import TracingSection
@@ -270,6 +271,8 @@ class Config:
     tracing: TracingSection | None = None
     logs: LogSettings | None = None
     ledger: LedgerSettings | None = None
+    rules: RulesConfig | None = None
+    notify: NotifyConfig | None = None
     source: str = ""
 
     def with_overrides(
@@ -603,6 +606,18 @@ def _parse_ledger(r: Reader, node: Node, path: str, ctx: ParseContext) -> object
     return parse_ledger(r, node, path, ctx)
 
 
+def _parse_rules(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.alerting import parse_rules_section
+
+    return parse_rules_section(r, node, path, ctx)
+
+
+def _parse_notify(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.alerting import parse_notify_section
+
+    return parse_notify_section(r, node, path, ctx)
+
+
 #: Top-level sections, in the order they are read; each name is a :class:`Config` field.
 SECTIONS: dict[str, Section] = {
     "listen": Section(_parse_listen),
@@ -617,6 +632,8 @@ SECTIONS: dict[str, Section] = {
     "tracing": Section(_parse_tracing),
     "logs": Section(_parse_logs),
     "ledger": Section(_parse_ledger),
+    "rules": Section(_parse_rules),
+    "notify": Section(_parse_notify),
 }
 
 

@@ -109,6 +109,12 @@ class Metrics:
             ["upstream", "provider"],
             registry=registry,
         )
+        self.throttled = Counter(
+            "llm_throttled_requests_total",
+            "Calls the sidecar refused itself (reason: budget)",
+            ["tenant", "reason"],
+            registry=registry,
+        )
         self.inflight = Gauge("llm_inflight_requests", "Calls in flight", ["upstream"], registry=registry)
         self.unpriced = Counter(
             "llm_unpriced_requests_total",
@@ -169,6 +175,8 @@ class Metrics:
         if record.ttft_s is not None:
             self.ttft.labels(*labels).observe(record.ttft_s, exemplar)
         self.overhead.observe(record.overhead_s)
+        if record.throttled is not None:
+            self.throttled.labels(labels[0], record.throttled).inc()
         if record.malformed:
             self.malformed.labels(record.upstream, record.provider).inc()
 

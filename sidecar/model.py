@@ -111,6 +111,7 @@ class CallRecord:
     finish_reasons: tuple[str, ...] = ()
     service_tier: str | None = None
     malformed: bool = False  # the upstream's JSON or SSE could not be parsed (passed on unchanged)
+    throttled: str | None = None  # why the sidecar refused the call itself ("budget"), if it did
     server_address: str = ""
     server_port: int = 0
     # W3C trace context of the sidecar's span for this call (hex, lower case). The proxy

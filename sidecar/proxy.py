@@ -276,6 +276,7 @@ class _Call:
         "status",
         "stream",
         "tenant",
+        "throttled",
         "ttft",
         "upstream_called",
         "upstream_wait",
@@ -296,6 +297,7 @@ class _Call:
         self.status = 0
         self.error_type: str | None = None
         self.ttft: float | None = None
+        self.throttled: str | None = None
         self.observer: StreamObserver | None = None
         self.info: ResponseInfo | None = None
         self.ids: tracecontext.SpanIds | None = None
@@ -320,6 +322,9 @@ class Proxy:
         self.pipeline = pipeline
         self.metrics = metrics
         self.draining = False
+        #: ``(tenant, provider, model, upstream) -> bool``: a budget rule with ``action: reject``
+        #: is spent for this group (an O(1) lookup into the rule engine's state).
+        self.budget_exceeded: Callable[[str, str, str, str], bool] | None = None
 
     # -- entry point --------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -374,6 +379,13 @@ class Proxy:
                 if injected is not None:
                     body = injected
                     strip_usage = True
+
+        budget = self.budget_exceeded
+        if budget is not None and budget(
+            call.tenant, call.provider, call.request_model or "unknown", route.name
+        ):
+            call.throttled = "budget"
+            return self._reject(call, 429, "the spend budget for this tenant is exhausted", "budget_exceeded")
 
         headers = self._upstream_headers(request, route, call, settings)
         query = request.rel_url.raw_query_string
@@ -622,6 +634,7 @@ class Proxy:
             finish_reasons=info.finish_reasons if info is not None else (),
             service_tier=info.service_tier if info is not None else None,
             malformed=info.malformed if info is not None else False,
+            throttled=call.throttled,
             server_address=route.host if route else "",
             server_port=route.port if route else 0,
             trace_id=ids.trace_id if ids else None,

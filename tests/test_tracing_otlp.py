@@ -273,7 +273,9 @@ async def test_collector_down(protocol: str) -> None:
     await sink.start()
     calls = _calls(1000)
     elapsed, refused = await _offer_all(sink, calls)
-    assert elapsed < 0.05, f"1000 offers took {elapsed * 1000:.1f} ms"
+    # Not a performance target (that is `make bench`): a generous bound that still fails at once
+    # if offer() ever waited on the collector (which here would take seconds).
+    assert elapsed < 1.0, f"1000 offers took {elapsed * 1000:.1f} ms"
     assert refused == 900
     await sink.stop(5.0)
     dropped = sink.dropped
@@ -310,7 +312,7 @@ async def test_collector_accepts_and_never_answers(protocol: str) -> None:
         first, refused_first = await _offer_all(sink, _calls(50))
         await asyncio.sleep(0.1)  # the processor is now stuck in an export that will time out
         elapsed, refused = await _offer_all(sink, _calls(1000))
-        assert first + elapsed < 0.05, f"1050 offers took {(first + elapsed) * 1000:.1f} ms"
+        assert first + elapsed < 1.0, f"1050 offers took {(first + elapsed) * 1000:.1f} ms"
         assert refused_first == 0 and refused > 0
         await sink.stop(5.0)
         dropped = sink.dropped
