@@ -33,6 +33,8 @@ ERROR_TYPES: tuple[str, ...] = (
     "stream_interrupted",
     "client_abort",
     "proxy_error",
+    # The sidecar's own refusals by policy: never in a rule's default "bad" set.
+    "budget_exceeded",
 )
 
 TokenSource = Literal["reported", "estimated"]

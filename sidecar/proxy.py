@@ -385,7 +385,13 @@ class Proxy:
             call.tenant, call.provider, call.request_model or "unknown", route.name
         ):
             call.throttled = "budget"
-            return self._reject(call, 429, "the spend budget for this tenant is exhausted", "budget_exceeded")
+            return self._reject(
+                call,
+                429,
+                "the spend budget for this tenant is exhausted",
+                "budget_exceeded",
+                "budget_exceeded",
+            )
 
         headers = self._upstream_headers(request, route, call, settings)
         query = request.rel_url.raw_query_string
