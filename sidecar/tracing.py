@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -786,7 +787,9 @@ class TracingSink:
             except Exception:
                 log.exception("span processor shutdown failed")
             finally:
-                done.set_result(None)
+                # Cancelled when stop() gave up waiting (wait_for cancels the wrapped future).
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    done.set_result(None)
 
         # A thread of its own rather than the loop's executor: an export stuck on a
         # collector that never answers must not hold up the loop's shutdown.
