@@ -55,7 +55,7 @@ from sidecar.notify import Dispatcher, Notifier, validate_channels
 from sidecar.rules.engine import Engine, Sample
 from sidecar.rules.incidents import Incident
 from sidecar.rules.loader import check_channels, expand, load_files
-from sidecar.rules.model import MttrRule, RuleSet
+from sidecar.rules.model import IncidentAgeRule, MttrRule, RuleSet
 from sidecar.rules.state import Transition
 from sidecar.sinks import QueueSink
 
@@ -449,6 +449,27 @@ class AlertingSink(QueueSink):
         now = self.clock()
         for record in records:
             self.engine.observe(record, now)
+
+    def horizon(self) -> float:
+        """Seconds of past calls the rules' windows and periods look at (0: none)."""
+        spans = [
+            float(getattr(rule, "period", 0.0) or getattr(rule, "window", 0.0) or 0.0)
+            for rule in self.engine.rules
+            if not isinstance(rule, MttrRule | IncidentAgeRule)  # those look at incidents, not calls
+        ]
+        return max(spans, default=0.0)
+
+    def refill(self, records: Iterable[CallRecord]) -> int:
+        """Put past calls (e.g. the ledger's recent rows) back into the windows at their own times.
+
+        Called once at start, before live records arrive, so a restart does not reset an
+        SLO's error budget or a budget rule's spend. Returns how many were filed.
+        """
+        count = 0
+        for record in sorted(records, key=lambda r: r.finished_at):
+            self.engine.observe(record, record.finished_at)
+            count += 1
+        return count
 
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
         """True when an ``action: reject`` budget of this call's group is spent (a dict lookup)."""

@@ -16,11 +16,13 @@ import asyncio
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -41,7 +43,32 @@ from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
 
 log = logging.getLogger("sidecar.app")
 
+
+class _OneLineParserErrors(logging.Filter):
+    """Requests aiohttp's HTTP parser refused (answered 400): one line each, no traceback.
+
+    aiohttp logs each with a traceback at ERROR; a malformed request costs a client a few
+    bytes, so any client could fill the log with them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = " ".join(str(exc.message).split())[:200]
+            record.args = (record.getMessage(), exc.code, reason)
+            record.msg = "%s: refused with %d (%s)"
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+#: The listeners' server log (aiohttp's, with parser errors on one line).
+HTTP_LOG = logging.getLogger("sidecar.http")
+HTTP_LOG.addFilter(_OneLineParserErrors())
+
 PROXY_KEY = web.AppKey("proxy", Proxy)
+#: The longest history read back from the ledger at start to refill rule windows.
+REFILL_MAX_SECONDS = 31 * 86400.0
 SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
 
 
@@ -126,7 +153,9 @@ class Sidecar:
             trust_env=False,
         )
         self.pipeline = Pipeline(self.sinks, self.metrics, self.prices, self.estimator)
-        await self.pipeline.start()
+        await self.pipeline.start()  # the ledger replays its journal here
+        if self.alerting is not None:
+            await self._refill_rule_windows(self.alerting)
         self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
         if self.alerting is not None:
             self.proxy.budget_exceeded = self.alerting.budget_exceeded
@@ -148,6 +177,8 @@ class Sidecar:
             handler_cancellation=True,
             access_log=None,
             shutdown_timeout=self.config.shutdown.drain_timeout,
+            logger=HTTP_LOG,
+            auto_decompress=False,  # a gzip request body goes upstream as sent, with its Content-Encoding
         )
         await self._proxy_runner.setup()
         host, port = self.config.listen
@@ -162,7 +193,7 @@ class Sidecar:
         admin_app.router.add_get("/readyz", self._readyz)
         admin_app.router.add_post("/-/reload", self._reload_endpoint)
         admin_app.router.add_post("/incidents/{id}/ack", self._ack_endpoint)
-        self._admin_runner = web.AppRunner(admin_app, access_log=None)
+        self._admin_runner = web.AppRunner(admin_app, access_log=None, logger=HTTP_LOG)
         await self._admin_runner.setup()
         admin_host, admin_port = self.config.admin.listen
         await web.TCPSite(self._admin_runner, admin_host, admin_port, reuse_address=True).start()
@@ -193,6 +224,20 @@ class Sidecar:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+
+    async def _refill_rule_windows(self, alerting: AlertingSink) -> None:
+        """Refill the rule windows from the ledger, so a restart does not reset budgets and SLOs."""
+        horizon = alerting.horizon()
+        if horizon <= 0:
+            return
+        since = time.time() - min(horizon, REFILL_MAX_SECONDS)
+        try:
+            records = await self.ledger.recent(since)
+        except Exception:
+            log.exception("could not read the ledger to refill the rule windows; they start empty")
+            return
+        filed = alerting.refill(records)
+        log.info("rule windows refilled with %d calls from the ledger", filed)
 
     def _proxy_settings(self, config: Config) -> ProxySettings:
         return ProxySettings.from_config(

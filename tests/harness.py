@@ -12,6 +12,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from sidecar import config as config_mod
+from sidecar.alerting import AlertingSettings
 from sidecar.app import Sidecar
 from sidecar.metrics import iter_samples
 from sidecar.model import CallRecord
@@ -58,10 +59,12 @@ def make_config(upstreams_yaml: str, extra: str = "", tmp: Path | None = None) -
 
 
 @asynccontextmanager
-async def running_sidecar(cfg: config_mod.Config) -> AsyncIterator[tuple[Sidecar, Collect]]:
+async def running_sidecar(
+    cfg: config_mod.Config, alerting: AlertingSettings | None = None
+) -> AsyncIterator[tuple[Sidecar, Collect]]:
     """A started sidecar and its record collector; stopped (drained) on exit."""
     collect = Collect()
-    sidecar = Sidecar(cfg, registry=CollectorRegistry(), extra_sinks=[collect])
+    sidecar = Sidecar(cfg, registry=CollectorRegistry(), extra_sinks=[collect], alerting=alerting)
     await sidecar.start()
     try:
         yield sidecar, collect

@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from sidecar.alerting import AlertingSettings
+from tests.harness import make_config, running_sidecar, sample
 from tests.replay_upstream import ReplayUpstream
 from tests.test_process import metric_value, sidecar_process
 
@@ -170,3 +172,57 @@ async def test_firing_and_resolved_messages_for_real_traffic(
     finally:
         receiver.release.set()
         await receiver.runner.cleanup()
+
+
+BUDGET_RULES = """\
+version: sidecar/v1
+defaults: {evaluation_interval: 1s, group_by: [tenant], notify: []}
+rules:
+  - name: hard-cap
+    kind: budget
+    signal: tokens
+    period: 1d
+    calendar: true
+    timezone: UTC
+    limit: 1000
+    action: reject
+    severity: ticket
+"""
+
+
+async def test_reject_budget_holds_across_a_restart(replay_upstream: ReplayUpstream, tmp_path: Path) -> None:
+    rules = tmp_path / "budget.yaml"
+    rules.write_text(BUDGET_RULES)
+    settings = AlertingSettings(rule_files=(rules,), notify_enabled=False, watch_interval=0)
+    cfg = make_config(
+        f"- {{name: openai, url: '{replay_upstream.url}', provider: openai}}\n",
+        extra="logs: {enabled: false}\n",
+        tmp=tmp_path / "data",
+    )
+    # Each call reports 1149 + 353 tokens: the first one spends the 1000-token cap.
+    async with running_sidecar(cfg, alerting=settings) as (sc, collect), aiohttp.ClientSession() as s:
+        replay_upstream.serve("openai_chat_nonstream_cached_tokens.json")
+        status, _ = await timed_call(s, sc.proxy_port)
+        assert status == 200
+        await collect.wait_for(1)
+        async with asyncio.timeout(10):
+            while True:  # the next evaluation sees the spend
+                replay_upstream.serve("openai_chat_nonstream_cached_tokens.json")
+                status, _ = await timed_call(s, sc.proxy_port)
+                if status == 429:
+                    break
+                await asyncio.sleep(0.2)
+        refused = (await collect.wait_for(len(collect.records)))[-1]
+        assert refused.error_type == "budget_exceeded" and refused.status == 429
+        assert sample(sc, "llm_throttled_requests_total", tenant="acme", reason="budget") >= 1
+    served_before = len(replay_upstream.requests)
+
+    # A new process on the same data directory refuses at once: the spend came back from the ledger.
+    async with running_sidecar(cfg, alerting=settings) as (sc, collect), aiohttp.ClientSession() as s:
+        async with asyncio.timeout(10):
+            while True:
+                status, _ = await timed_call(s, sc.proxy_port)
+                if status == 429:
+                    break
+                await asyncio.sleep(0.1)
+        assert len(replay_upstream.requests) == served_before  # nothing reached the upstream
