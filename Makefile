@@ -22,8 +22,8 @@ demo: venv
 test: lint typecheck unit
 
 lint: venv
-	$(BIN)/ruff format --check sidecar tests
-	$(BIN)/ruff check sidecar tests
+	$(BIN)/ruff format --check sidecar tests bench
+	$(BIN)/ruff check sidecar tests bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -32,8 +32,13 @@ unit: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 fmt: venv
-	$(BIN)/ruff format sidecar tests
-	$(BIN)/ruff check --fix sidecar tests
+	$(BIN)/ruff format sidecar tests bench
+	$(BIN)/ruff check --fix sidecar tests bench
+
+## The benchmark (not a test, not in CI): wrk if installed, else a Python load generator.
+## BENCH_ARGS=--quick for about a minute.
+bench: venv
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,93 @@
+"""Readings from ``/proc``: CPU time and RSS of a process, busy time of each core.
+
+CPU time counts every thread of the process (user + system), in clock ticks of
+``SC_CLK_TCK`` (100 per second on Linux): per-request figures come from thousands of
+requests, so the 10 ms granularity does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            text = f.read()
+    except OSError:
+        return 0.0
+    fields = text[text.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of process ``pid`` in bytes; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class CoreTimes:
+    """Busy and total ticks of one core since boot."""
+
+    busy: int
+    total: int
+
+    def busy_share(self, before: CoreTimes) -> float:
+        """The fraction of the time between ``before`` and this reading that the core was busy."""
+        total = self.total - before.total
+        return (self.busy - before.busy) / total if total > 0 else 0.0
+
+
+def core_times() -> dict[int, CoreTimes]:
+    """Per-core busy/total ticks from ``/proc/stat`` (idle and iowait count as not busy)."""
+    out: dict[int, CoreTimes] = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            if not line.startswith("cpu") or line.startswith("cpu "):
+                continue
+            name, *values = line.split()
+            ticks = [int(v) for v in values]
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+            total = sum(ticks[:8])
+            out[int(name[3:])] = CoreTimes(total - idle, total)
+    return out
+
+
+def machine() -> dict[str, object]:
+    """What the figures were measured on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = 0
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpu": model or platform.processor() or "unknown",
+        "cores_online": os.cpu_count() or 0,
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }

@@ -1,0 +1,49 @@
+"""The benchmark harness runs end to end (tiny durations) and writes its figures.
+
+No performance is asserted: the benchmark is not a test. This proves that ``make bench``
+starts every target, drives it, measures it and writes ``latest.json`` and ``latest.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench import loadgen, wrk
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_runs_end_to_end(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "bench.run", "--loadgen", "python", "--out", str(tmp_path)]
+    cmd += ["--targets", "direct,floor,sidecar", "--duration", "0.3", "--rounds", "1", "--concurrency", "2"]
+    cmd += ["--streams", "8", "--hold-ms", "300", "--probe-count", "10", "--warmup", "5", "--settle", "0"]
+    cmd += ["--skip-rule-engine"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    assert "req/s" in done.stdout and "headline" in done.stdout
+    results = json.loads((tmp_path / "latest.json").read_text())
+    cells = {(c["target"], c["shape"]) for c in results["cells"]}
+    assert cells == {(t, s) for t in ("direct", "floor", "sidecar") for s in ("json", "stream")}
+    assert all(c["requests"] > 0 and c["errors"] == 0 for c in results["cells"])
+    assert results["memory"]["sidecar"]["streams_held"] == 8
+    assert results["features"]["sidecar"]["metrics"] is True
+    assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_response_parser_at_every_seam() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"
+    sized = b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nabc"
+    wire = chunked + sized
+    parser = loadgen.ResponseParser()
+    statuses = [s for i in range(len(wire)) for s in parser.feed(wire[i : i + 1])]
+    assert statuses == [200, 404]
+    assert not parser.buf
+
+
+def test_wrk_script_escapes_request_bytes() -> None:
+    script = wrk.lua_script([b'POST / HTTP/1.1\r\nX: "a\\b"\r\n\r\n'])
+    assert '"POST / HTTP/1.1\\013\\010X: \\034a\\092b\\034\\013\\010\\013\\010"' in script
