@@ -36,8 +36,10 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -378,6 +380,18 @@ def _fingerprint(files: Sequence[Path]) -> tuple[tuple[str, float, int], ...]:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """What one evaluation hands from the engine thread to the loop."""
+
+    transitions: list[Transition]
+    changed: list[Incident]
+    finalized: list[Incident]
+    firing: list[Any]
+    samples: list[Sample]
+    series_dropped: int
+
+
 class AlertingSink(QueueSink):
     """Evaluates rules over finished calls, notifies, and keeps incidents; see the module docstring."""
 
@@ -423,6 +437,11 @@ class AlertingSink(QueueSink):
         self._fingerprint = _fingerprint(settings.rule_files)
         self._last_prune = 0.0
         self._dropped_logged = 0
+        # The engine's work (filing calls, evaluating rules) runs on one thread of its own, so
+        # an evaluation over many groups never stalls the proxy; the lock serialises it with
+        # the rare engine calls made on the loop (reload, ack, tests' tick()).
+        self._engine_lock = threading.Lock()
+        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-rules")
 
     @classmethod
     def create(
@@ -447,8 +466,12 @@ class AlertingSink(QueueSink):
 
     async def handle(self, records: list[CallRecord]) -> None:
         now = self.clock()
-        for record in records:
-            self.engine.observe(record, now)
+        await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._observe, records, now)
+
+    def _observe(self, records: list[CallRecord], now: float) -> None:
+        with self._engine_lock:
+            for record in records:
+                self.engine.observe(record, now)
 
     def horizon(self) -> float:
         """Seconds of past calls the rules' windows and periods look at (0: none)."""
@@ -466,9 +489,10 @@ class AlertingSink(QueueSink):
         SLO's error budget or a budget rule's spend. Returns how many were filed.
         """
         count = 0
-        for record in sorted(records, key=lambda r: r.finished_at):
-            self.engine.observe(record, record.finished_at)
-            count += 1
+        with self._engine_lock:
+            for record in sorted(records, key=lambda r: r.finished_at):
+                self.engine.observe(record, record.finished_at)
+                count += 1
         return count
 
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
@@ -488,9 +512,12 @@ class AlertingSink(QueueSink):
             self._writes = asyncio.Queue()
         now = self.clock()
         incidents = await asyncio.to_thread(self.store.recent, now - self._retention())
-        self.engine.restore(incidents, now)
-        self.dispatcher.restored([t.key for t in self.engine.firing(now)], now)
-        self._enqueue(self.engine.book.drain_changes())  # incidents closed because their rule is gone
+        with self._engine_lock:
+            self.engine.restore(incidents, now)
+            firing = self.engine.firing(now)
+            changed = self.engine.book.drain_changes()  # incidents closed because their rule is gone
+        self.dispatcher.restored([t.key for t in firing], now)
+        self._enqueue(changed)
         self._refresh(now)
         if incidents:
             log.info("alerting: %d recent incidents restored", len(incidents))
@@ -514,7 +541,10 @@ class AlertingSink(QueueSink):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._tick_task = self._watch_task = None
-        self._enqueue(self.engine.book.drain_changes())
+        with self._engine_lock:  # waits for an evaluation still running on the engine thread
+            changed = self.engine.book.drain_changes()
+        self._enqueue(changed)
+        self._engine_thread.shutdown(wait=False)
         if self._writer_task is not None and self._writes is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._writes.join(), max(0.1, deadline - time.monotonic()))
@@ -539,41 +569,71 @@ class AlertingSink(QueueSink):
     # -- the tick -----------------------------------------------------------------
 
     async def _run_ticks(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             now = self.clock()
             try:
-                self.tick(now)
+                evaluation = await loop.run_in_executor(self._engine_thread, self._evaluate, now)
+                self._deliver(evaluation, now)
             except Exception:
                 log.exception("alerting: evaluation tick failed")
             wake = min(self.engine.next_due(), self.dispatcher.next_due())
             await asyncio.sleep(min(1.0, max(0.05, wake - self.clock())) if math.isfinite(wake) else 1.0)
 
     def tick(self, now: float | None = None) -> list[Transition]:
-        """Evaluate due rules at ``now``; notify, store incidents, refresh gauges. Runs on the loop."""
+        """Evaluate due rules at ``now``; notify, store incidents, refresh gauges.
+
+        The runtime does the evaluation on the engine thread and the rest on the loop;
+        this synchronous form (for tests and tools) does both in the caller's thread.
+        """
         now = self.clock() if now is None else now
-        if self.engine.next_due() <= now:
+        evaluation = self._evaluate(now)
+        self._deliver(evaluation, now)
+        return evaluation.transitions if evaluation is not None else []
+
+    def _evaluate(self, now: float) -> _Evaluation | None:
+        """The engine's part of a tick (any thread; takes the engine lock). None: nothing was due."""
+        with self._engine_lock:
+            if self.engine.next_due() > now:
+                return None
             started = time.perf_counter()
             transitions = self.engine.evaluate(now)
             self.metrics.evaluation.observe(time.perf_counter() - started)
-            self._after(transitions, now)
-            return transitions
-        # Nothing to evaluate: only groups whose wait ended go out (repeats are checked
-        # when rules are evaluated, so this stays cheap however many alerts fire).
-        if self.settings.notify_enabled and self.dispatcher.next_due() <= now:
-            for outgoing in self.dispatcher.due(now):
-                if self.notifier is not None:
-                    self.notifier.submit(outgoing)
-        return []
+            return self._collect(transitions, now)
 
-    def _after(self, transitions: list[Transition], now: float) -> None:
+    def _collect(self, transitions: list[Transition], now: float) -> _Evaluation:
+        """What the loop needs from the engine after ``transitions`` (engine lock held)."""
+        if now - self._last_prune > 3600:
+            self.engine.book.prune(now, self._retention())
+            self._last_prune = now
+        return _Evaluation(
+            transitions=transitions,
+            changed=self.engine.book.drain_changes(),
+            finalized=self.engine.book.drain_finalized(now),
+            firing=self.engine.firing(now),
+            samples=self.engine.samples(now),
+            series_dropped=self.engine.series_dropped,
+        )
+
+    def _deliver(self, evaluation: _Evaluation | None, now: float) -> None:
+        """The loop's part of a tick: logs, incident writes, metrics and notifications."""
+        if evaluation is None:
+            # Nothing to evaluate: only groups whose wait ended go out (repeats are checked
+            # when rules are evaluated, so this stays cheap however many alerts fire).
+            if self.settings.notify_enabled and self.dispatcher.next_due() <= now:
+                for outgoing in self.dispatcher.due(now):
+                    if self.notifier is not None:
+                        self.notifier.submit(outgoing)
+            return
+        transitions = evaluation.transitions
         for t in transitions:
             labels = " ".join(f"{k}={v}" for k, v in t.labels)
             log.info("alert %s %s [%s] %s: %s", t.status, t.rule, t.severity, labels, t.value_text)
-        self._enqueue(self.engine.book.drain_changes())
-        for inc in self.engine.book.drain_finalized(now):
+        self._enqueue(evaluation.changed)
+        for inc in evaluation.finalized:
             if inc.end is not None:
                 self.metrics.incident_duration.labels(inc.rule, inc.severity).observe(inc.end - inc.start)
-        dropped = self.engine.series_dropped
+        dropped = evaluation.series_dropped
         self._dropped_logged = min(self._dropped_logged, dropped)  # a reload starts the counts again
         if dropped > self._dropped_logged:
             log.warning(
@@ -582,18 +642,17 @@ class AlertingSink(QueueSink):
                 self.settings.max_series_per_rule,
             )
             self._dropped_logged = dropped
-        if now - self._last_prune > 3600:
-            self.engine.book.prune(now, self._retention())
-            self._last_prune = now
         if self.settings.notify_enabled:
             self.dispatcher.add(transitions, now)
-            for outgoing in self.dispatcher.due(now, self.engine.firing(now)):
+            for outgoing in self.dispatcher.due(now, evaluation.firing):
                 if self.notifier is not None:
                     self.notifier.submit(outgoing)
-        self._refresh(now)
+        self.metrics.collector.samples = evaluation.samples
 
     def _refresh(self, now: float) -> None:
-        self.metrics.collector.samples = self.engine.samples(now)
+        with self._engine_lock:
+            samples = self.engine.samples(now)
+        self.metrics.collector.samples = samples
 
     # -- incidents ----------------------------------------------------------------
 
@@ -614,9 +673,10 @@ class AlertingSink(QueueSink):
 
     def ack(self, incident_id: str, by: str) -> bool:
         """Acknowledge an open or recent incident (for MTTA); ``False`` when unknown. On the loop."""
-        ok = self.engine.ack(incident_id, by, self.clock())
-        if ok:
-            self._enqueue(self.engine.book.drain_changes())
+        with self._engine_lock:
+            ok = self.engine.ack(incident_id, by, self.clock())
+            changed = self.engine.book.drain_changes() if ok else []
+        self._enqueue(changed)
         return ok
 
     # -- reload -------------------------------------------------------------------
@@ -655,10 +715,12 @@ class AlertingSink(QueueSink):
 
     def _swap(self, rules: RuleSet) -> None:
         now = self.clock()
-        transitions = self.engine.replace_rules(rules, now)
+        with self._engine_lock:
+            transitions = self.engine.replace_rules(rules, now)
+            evaluation = self._collect(transitions, now)
         self.metrics.prepare(rules, ())
         log.info("rules reloaded: %d rules", len(rules))
-        self._after(transitions, now)
+        self._deliver(evaluation, now)
 
     async def _watch(self) -> None:
         while True:
