@@ -405,6 +405,10 @@ class Ledger:
                 return []
             try:
                 return [row_to_record(row) for row in read_rows(conn, since)]
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return []  # a new ledger whose writer has not created its schema yet: no rows
+                raise
             finally:
                 conn.close()
 
