@@ -61,6 +61,15 @@ HOP_BY_HOP = frozenset(
 SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding", "User-Agent", "Accept", "Content-Type"})
 MAX_PARSE_BYTES = 16 * 1024 * 1024  # decoded bytes of a JSON body kept for usage parsing
 ABORT_STATUS = 499
+# Longest wait for the next piece of a request body (nginx's client_body_timeout): a client
+# that stalls longer gets 408 instead of holding its handler open forever.
+BODY_READ_TIMEOUT = 60.0
+# Model names and response ids longer than this are client or upstream garbage; they are
+# cut so that no record, log line or ledger row carries megabytes of it.
+MAX_RECORDED_TEXT = 256
+# The whole request header block. aiohttp's parser refuses a line over 8 KiB and more than
+# 128 headers, which still lets 1 MiB of headers through to the upstream.
+MAX_HEADER_BYTES = 64 * 1024
 
 
 # --- routing -------------------------------------------------------------------------
@@ -136,11 +145,34 @@ class Router:
 
 
 def unsafe_path(raw_path: str) -> bool:
-    """True for paths that could escape the upstream's base path (dot segments, NUL, backslash)."""
-    decoded = unquote(unquote(raw_path))
+    """True for targets that could escape the upstream's base path.
+
+    Anything but an origin-form path (``OPTIONS *`` would be appended to the upstream's
+    authority), dot segments percent-encoded up to three times, anything encoded more
+    often than that, NUL and backslash.
+    """
+    if not raw_path.startswith("/"):
+        return True
+    decoded = raw_path
+    for _ in range(3):
+        decoded = unquote(decoded)
+    if unquote(decoded) != decoded:
+        return True  # still encoded after three passes: no client of an LLM API does that
     if "\x00" in decoded or "\\" in decoded:
         return True
     return any(segment in (".", "..") for segment in decoded.split("/"))
+
+
+def recorded_text(value: str | None) -> str | None:
+    """``value`` fit for a record: cut to :data:`MAX_RECORDED_TEXT`, lone surrogates replaced.
+
+    A JSON ``"\\ud800"`` escape decodes to a string no UTF-8 encoder (ledger, logs, spans)
+    accepts.
+    """
+    if value is None:
+        return None
+    value = value[:MAX_RECORDED_TEXT]
+    return value if value.isascii() else value.encode("utf-8", "replace").decode("utf-8")
 
 
 # --- settings swapped on reload ---------------------------------------------------------
@@ -325,6 +357,8 @@ class Proxy:
         #: ``(tenant, provider, model, upstream) -> bool``: a budget rule with ``action: reject``
         #: is spent for this group (an O(1) lookup into the rule engine's state).
         self.budget_exceeded: Callable[[str, str, str, str], bool] | None = None
+        #: Longest wait for the next piece of a request body (seconds).
+        self.body_read_timeout = BODY_READ_TIMEOUT
 
     # -- entry point --------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -346,6 +380,8 @@ class Proxy:
         raw_path = request.rel_url.raw_path
         if request.method == "CONNECT" or unsafe_path(raw_path):
             return self._reject(call, 400, "invalid request target", "invalid_request_target")
+        if sum(len(name) + len(value) for name, value in request.raw_headers) > MAX_HEADER_BYTES:
+            return self._reject(call, 431, "request headers too large", "request_headers_too_large")
         matched = settings.router.match(raw_path)
         if matched is None:
             return self._reject(call, 404, "no upstream is mounted at this path", "not_found")
@@ -364,15 +400,19 @@ class Proxy:
         if request.content_length is not None and request.content_length > settings.max_body_bytes:
             return self._reject(call, 413, "request body too large", "request_too_large")
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+            body = await self._read_body(request, settings.max_body_bytes)
+        except TimeoutError:
+            rejected = self._reject(call, 408, "request body not received in time", "request_timeout")
+            rejected.force_close()  # the rest of the body may still come: never parse it as a request
+            return rejected
+        if body is None:
             return self._reject(call, 413, "request body too large", "request_too_large")
         call.body = body
 
         strip_usage = False
         if call.shape is not None:
             info = call.shape.parse_request(body)
-            call.request_model = info.model
+            call.request_model = recorded_text(info.model)
             call.stream = info.stream
             if info.stream and not info.wants_usage and route.config.inject_stream_usage:
                 injected = call.shape.inject_stream_usage(body)
@@ -402,6 +442,18 @@ class Proxy:
             return await self._exchange(call, route, url, headers, body, strip_usage)
         finally:
             self.metrics.inflight.labels(route.name).dec()
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
+        """The request body, None past ``limit``; TimeoutError when the client stalls between pieces."""
+        body = bytearray()
+        while True:
+            async with asyncio.timeout(self.body_read_timeout):
+                piece = await request.content.readany()
+            if not piece:
+                return bytes(body)
+            body += piece
+            if len(body) > limit:
+                return None
 
     def _upstream_headers(
         self, request: web.Request, route: Route, call: _Call, settings: ProxySettings
@@ -631,14 +683,14 @@ class Proxy:
             status=status,
             error_type=error_type,
             request_model=call.request_model,
-            response_model=info.model if info is not None else None,
+            response_model=recorded_text(info.model) if info is not None else None,
             duration_s=duration,
             ttft_s=call.ttft,
             overhead_s=max(0.0, duration - call.upstream_wait - call.client_wait),
             usage=usage,
-            response_id=info.response_id if info is not None else None,
-            finish_reasons=info.finish_reasons if info is not None else (),
-            service_tier=info.service_tier if info is not None else None,
+            response_id=recorded_text(info.response_id) if info is not None else None,
+            finish_reasons=tuple(recorded_text(r) or "" for r in info.finish_reasons) if info else (),
+            service_tier=recorded_text(info.service_tier) if info is not None else None,
             malformed=info.malformed if info is not None else False,
             throttled=call.throttled,
             server_address=route.host if route else "",
