@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -40,12 +41,14 @@ from sidecar.proxy import Proxy, ProxySettings
 from sidecar.sinks import Sink
 from sidecar.tokens import Estimator
 from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
+from sidecar.usagelogs import UsageLogsSink, resolve_usage_logs
 
 log = logging.getLogger("sidecar.app")
 
 
 class _OneLineParserErrors(logging.Filter):
-    """Requests aiohttp's HTTP parser refused (answered 400): one line each, no traceback.
+    """Requests aiohttp's HTTP parser refused (answered 400), and malformed bodies it met while
+    discarding what a handler left unread: one line each, no traceback.
 
     aiohttp logs each with a traceback at ERROR; a malformed request costs a client a few
     bytes, so any client could fill the log with them.
@@ -53,6 +56,8 @@ class _OneLineParserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, RequestPayloadError) and isinstance(exc.__cause__, HttpProcessingError):
+            exc = exc.__cause__
         if isinstance(exc, HttpProcessingError):
             reason = " ".join(str(exc.message).split())[:200]
             record.args = (record.getMessage(), exc.code, reason)
@@ -106,6 +111,13 @@ class Sidecar:
         self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size), self.ledger]
         if self.tracing.enabled:
             self.sinks.append(TracingSink(self.tracing, registry=self.registry))
+        self.usage_logs, warnings = resolve_usage_logs(
+            config.usage_logs, os.environ, self.tracing.service_name, self.tracing.resource_attributes
+        )
+        for warning in warnings:
+            log.warning("usage logs: %s", warning)
+        if self.usage_logs.enabled:
+            self.sinks.append(UsageLogsSink(self.usage_logs, registry=self.registry))
         logs = config.logs or LogSettings()
         if logs.enabled:
             self.sinks.append(CallLogSink(logs, registry=self.registry))
@@ -172,6 +184,8 @@ class Sidecar:
             client_max_size=self.config.limits.max_body_bytes, middlewares=[every_request]
         )
         proxy_app[PROXY_KEY] = self.proxy
+        # Never called (the middleware answers every request); it carries the Expect handling.
+        proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_continue)
         self._proxy_runner = web.AppRunner(
             proxy_app,
             handler_cancellation=True,
@@ -188,11 +202,12 @@ class Sidecar:
 
         admin_app = web.Application()
         admin_app[SIDECAR_KEY] = self
-        admin_app.router.add_get("/metrics", self._metrics)
-        admin_app.router.add_get("/healthz", self._healthz)
-        admin_app.router.add_get("/readyz", self._readyz)
-        admin_app.router.add_post("/-/reload", self._reload_endpoint)
-        admin_app.router.add_post("/incidents/{id}/ack", self._ack_endpoint)
+        expect = _expect_continue  # not aiohttp's, which fails with a 500 on a value that is not UTF-8
+        admin_app.router.add_get("/metrics", self._metrics, expect_handler=expect)
+        admin_app.router.add_get("/healthz", self._healthz, expect_handler=expect)
+        admin_app.router.add_get("/readyz", self._readyz, expect_handler=expect)
+        admin_app.router.add_post("/-/reload", self._reload_endpoint, expect_handler=expect)
+        admin_app.router.add_post("/incidents/{id}/ack", self._ack_endpoint, expect_handler=expect)
         self._admin_runner = web.AppRunner(admin_app, access_log=None, logger=HTTP_LOG)
         await self._admin_runner.setup()
         admin_host, admin_port = self.config.admin.listen
@@ -241,7 +256,10 @@ class Sidecar:
 
     def _proxy_settings(self, config: Config) -> ProxySettings:
         return ProxySettings.from_config(
-            config, tracing=self.tracing.enabled, sample_ratio=self.tracing.sample_ratio
+            config,
+            tracing=self.tracing.enabled,
+            sample_ratio=self.tracing.sample_ratio,
+            capture_content=self.tracing.enabled and self.tracing.capture_content,
         )
 
     # -- reload ---------------------------------------------------------------------------------
@@ -326,6 +344,20 @@ class Sidecar:
             return web.json_response({"error": "unauthorized"}, status=401)
         ok = await asyncio.to_thread(self.reload)
         return web.json_response({"reloaded": ok}, status=200 if ok else 422)
+
+
+async def _expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue`` gets its interim ``100``; any other expectation goes upstream as sent.
+
+    aiohttp's own handler answers other values with a 417 that echoes them, and fails with a
+    500 and a traceback on one that is not UTF-8.
+    """
+    if (
+        request.version == aiohttp.HttpVersion11
+        and request.headers.get("Expect", "").lower() == "100-continue"
+    ):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response's start
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -104,6 +104,7 @@ if TYPE_CHECKING:  # the sections of the sinks live with their adapters, importe
     from sidecar.calllog import LogSettings
     from sidecar.ledger import LedgerSettings
     from sidecar.tracing import TracingSection
+    from sidecar.usagelogs import UsageLogsSection
 
 __all__ = [
     "CHECKS",
@@ -271,6 +272,7 @@ class Config:
     tracing: TracingSection | None = None
     logs: LogSettings | None = None
     ledger: LedgerSettings | None = None
+    usage_logs: UsageLogsSection | None = None
     rules: RulesConfig | None = None
     notify: NotifyConfig | None = None
     source: str = ""
@@ -606,6 +608,12 @@ def _parse_ledger(r: Reader, node: Node, path: str, ctx: ParseContext) -> object
     return parse_ledger(r, node, path, ctx)
 
 
+def _parse_usage_logs(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.usagelogs import parse_usage_logs
+
+    return parse_usage_logs(r, node, path, ctx)
+
+
 def _parse_rules(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
     from sidecar.alerting import parse_rules_section
 
@@ -632,6 +640,7 @@ SECTIONS: dict[str, Section] = {
     "tracing": Section(_parse_tracing),
     "logs": Section(_parse_logs),
     "ledger": Section(_parse_ledger),
+    "usage_logs": Section(_parse_usage_logs),
     "rules": Section(_parse_rules),
     "notify": Section(_parse_notify),
 }

@@ -80,6 +80,25 @@ class TokenCount:
 
 
 @dataclass(frozen=True, slots=True)
+class CapturedContent:
+    """The prompt and completion of one call, kept only when content capture is opted in.
+
+    Raw, exactly as seen: the request body bytes the client sent and the generated text
+    the provider observers collected. Only the tracing sink reads it, and it redacts and
+    truncates it off the event loop before anything leaves the process; the ledger, the
+    call log and the metrics ignore it. Never in a ``repr`` (see :attr:`CallRecord.content`).
+    """
+
+    request_body: bytes
+    output_text: str
+
+    @property
+    def size(self) -> int:
+        """Roughly the memory it holds (bytes of the body plus characters of the text)."""
+        return len(self.request_body) + len(self.output_text)
+
+
+@dataclass(frozen=True, slots=True)
 class CallRecord:
     """Everything measured about one finished client call.
 
@@ -125,6 +144,10 @@ class CallRecord:
     trace_sampled: bool = False
     tracestate: str | None = None
     finished_at: float = 0.0  # wall clock, seconds since the epoch
+    # Prompt and completion, only when ``tracing.capture_content`` is on and the call's
+    # trace is sampled; for the tracing sink alone. Kept out of ``repr`` so that no log
+    # line or traceback that prints a record can show prompt text.
+    content: CapturedContent | None = field(default=None, repr=False)
 
     @property
     def model(self) -> str:

@@ -14,6 +14,7 @@ it, and paths with dot segments are refused.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -36,9 +37,10 @@ from yarl import URL
 from sidecar import tracecontext
 from sidecar.config import Config, UpstreamConfig
 from sidecar.metrics import Metrics
-from sidecar.model import CallRecord, Usage
+from sidecar.model import CallRecord, CapturedContent, Usage
 from sidecar.pipeline import EstimateRequest, Pipeline
 from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
+from sidecar.providers.base import UNPARSED_RESPONSE
 from sidecar.tenants import UNKNOWN, clean_tenant
 
 log = logging.getLogger("sidecar.proxy")
@@ -70,6 +72,9 @@ MAX_RECORDED_TEXT = 256
 # The whole request header block. aiohttp's parser refuses a line over 8 KiB and more than
 # 128 headers, which still lets 1 MiB of headers through to the upstream.
 MAX_HEADER_BYTES = 64 * 1024
+# A token count past this is garbage from the upstream (no float holds it exactly, and past
+# 2**63 no SQLite INTEGER does): it is treated as not reported.
+MAX_TOKEN_COUNT = 2**53 - 1
 
 
 # --- routing -------------------------------------------------------------------------
@@ -189,9 +194,12 @@ class ProxySettings:
     max_body_bytes: int
     tracing: bool
     sample_ratio: float
+    capture_content: bool = False  # keep prompt and completion on records of sampled calls
 
     @classmethod
-    def from_config(cls, config: Config, tracing: bool = False, sample_ratio: float = 1.0) -> ProxySettings:
+    def from_config(
+        cls, config: Config, tracing: bool = False, sample_ratio: float = 1.0, capture_content: bool = False
+    ) -> ProxySettings:
         return cls(
             router=Router(config.upstreams),
             tenant_header=config.tenants.header,
@@ -200,6 +208,7 @@ class ProxySettings:
             max_body_bytes=config.limits.max_body_bytes,
             tracing=tracing,
             sample_ratio=sample_ratio,
+            capture_content=capture_content,
         )
 
 
@@ -233,8 +242,21 @@ def make_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
         except ImportError:  # pragma: no cover - brotli is a dependency
             return None
         decompressor = brotli.Decompressor()
-        return lambda data: bytes(decompressor.process(data))
+
+        def unbrotli(data: bytes) -> bytes:
+            try:
+                return bytes(decompressor.process(data))
+            except brotli.error as exc:  # one error type for every undecodable body: zlib's
+                raise zlib.error(f"brotli: {exc}") from exc
+
+        return unbrotli
     return None
+
+
+def plausible(usage: Usage) -> Usage:
+    """``usage`` without counts past :data:`MAX_TOKEN_COUNT` (those become *not reported*)."""
+    wild = {name: None for name in usage.__slots__ if (getattr(usage, name) or 0) > MAX_TOKEN_COUNT}
+    return dataclasses.replace(usage, **wild) if wild else usage
 
 
 # --- error bodies in the provider's shape ---------------------------------------------------
@@ -318,7 +340,7 @@ class _Call:
         self.request = request
         self.started = started
         self.started_wall = time.time()
-        self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.request_id = recorded_text(request.headers.get("x-request-id")) or uuid.uuid4().hex
         self.route: Route | None = None
         self.shape: Shape | None = None
         self.provider = ""
@@ -466,6 +488,10 @@ class Proxy:
             lower = name.lower()
             if lower in HOP_BY_HOP or lower in connection_tokens or lower in ("host", "content-length"):
                 continue
+            if lower == "expect" and value.strip().lower() == "100-continue":
+                # Met already: the whole body is here. Passed on, aiohttp would hold the body
+                # back until the upstream says 100, and an upstream that never does hangs the call.
+                continue
             headers.add(name, value)
         key = route.api_key_header()
         if key is not None:
@@ -518,6 +544,20 @@ class Proxy:
                 provider,
             )
         call.upstream_wait += perf_counter() - t0
+        if upstream.status < 200:
+            # Only a 101 gets here (aiohttp's client takes 100 and 103 itself). The sidecar never
+            # asks for an upgrade (Upgrade is hop-by-hop), so relaying it would tell the client
+            # that its connection switched protocols when it did not.
+            upstream.close()
+            log.warning("upstream %s answered %d to a plain request", route.name, upstream.status)
+            return self._reject(
+                call,
+                502,
+                f"upstream {route.name} sent an invalid response",
+                "upstream_invalid_response",
+                "connect_error",
+                provider,
+            )
 
         try:
             return await self._relay(call, upstream, strip_usage)
@@ -594,14 +634,23 @@ class Proxy:
                     t = perf_counter()
                     await _write(response, chunk)
                     call.client_wait += perf_counter() - t
-                    if observer is not None:
-                        assert decoder is not None
-                        observer.feed(decoder(chunk))
-                    elif json_copy is not None and copied < MAX_PARSE_BYTES:
-                        assert decoder is not None
-                        decoded = decoder(chunk)
-                        copied += len(decoded)
-                        json_copy.append(decoded)
+                    try:
+                        if observer is not None:
+                            assert decoder is not None
+                            observer.feed(decoder(chunk))
+                        elif json_copy is not None and copied < MAX_PARSE_BYTES:
+                            assert decoder is not None
+                            decoded = decoder(chunk)
+                            copied += len(decoded)
+                            json_copy.append(decoded)
+                    except zlib.error:
+                        # A corrupt compressed body: the rest still reaches the client as sent;
+                        # its usage cannot be read, and it counts as malformed.
+                        log.warning(
+                            "undecodable %s body from upstream on request %s", encoding, call.request_id
+                        )
+                        observer = call.observer = json_copy = None
+                        call.info = UNPARSED_RESPONSE
                 if call.ttft is None and observer is not None and observer.saw_content:
                     call.ttft = perf_counter() - call.started
         except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
@@ -619,10 +668,14 @@ class Proxy:
                 request.transport.close()
             return response
         except zlib.error:
-            # A corrupt compressed body: the client gets it as sent; usage cannot be read.
-            log.warning("undecodable %s body from upstream on request %s", encoding, call.request_id)
-            observer = None
-            json_copy = None
+            # Only a stream forwarded decoded (its usage chunk stripped) gets here: the client
+            # has a decoded part and the rest cannot be decoded, so its response ends abruptly.
+            log.warning("undecodable %s stream from upstream on request %s", encoding, call.request_id)
+            call.info = observer.result() if observer is not None else None
+            self._finish(call, status, "stream_interrupted")
+            if request.transport is not None:
+                request.transport.close()
+            return response
 
         if observer is not None:
             tail = observer.close()
@@ -666,7 +719,7 @@ class Proxy:
         if info is None and call.observer is not None:
             call.observer.close()
             info = call.observer.result()
-        usage = info.usage if info is not None else Usage()
+        usage = plausible(info.usage) if info is not None else Usage()
         route = call.route
         ids = call.ids
         record = CallRecord(
@@ -700,8 +753,21 @@ class Proxy:
             parent_span_id=ids.parent_span_id if ids else None,
             trace_sampled=ids.sampled if ids else False,
             tracestate=ids.tracestate if ids else None,
+            content=self._captured(call, info),
         )
         self.pipeline.submit(record, self._estimate_request(call, status, error_type, usage, info))
+
+    def _captured(self, call: _Call, info: ResponseInfo | None) -> CapturedContent | None:
+        """Prompt and completion for the span: only with capture on and the call's trace sampled.
+
+        No copy and no parsing here: the body bytes and the text are shared as they are;
+        the tracing sink redacts and truncates them off the event loop.
+        """
+        if not self.settings.capture_content or call.ids is None or not call.ids.sampled:
+            return None
+        if call.shape is None or call.shape.operation == "embeddings" or not call.body:
+            return None
+        return CapturedContent(call.body, info.output_text if info is not None else "")
 
     @staticmethod
     def _estimate_request(

@@ -7,6 +7,8 @@ e-mail addresses, payment card numbers (13-19 digits, spaces or dashes allowed,
 Luhn-checked so order numbers and timestamps survive), provider API keys
 (``sk-...``, ``sk-ant-...``, AWS, Google, GitHub, Slack), bearer tokens and JWTs.
 Operators add their own rules in the config (:func:`parse_redaction`).
+:meth:`Redactor.redact_prefix` redacts and cuts text to a length at a cost bounded
+by that length, however long the text (prompts can be megabytes).
 
 Header values are a separate, simpler matter: :func:`redact_headers` blanks the
 value of every header whose *name* is secret (``Authorization``, ``x-api-key``,
@@ -33,6 +35,7 @@ from sidecar.yamlspec import Reader, join
 
 __all__ = [
     "DEFAULT_RULES",
+    "REDACT_MARGIN",
     "SECRET_HEADERS",
     "RedactionSettings",
     "Redactor",
@@ -48,6 +51,9 @@ SECRET_HEADERS: frozenset[str] = frozenset(
 )
 
 _HEADER_PLACEHOLDER = "[REDACTED]"
+#: How far past a cut :meth:`Redactor.redact_prefix` looks, and how much it keeps clear of
+#: the end of what it looked at (characters): longer secrets than this are not expected.
+REDACT_MARGIN = 4096
 
 
 def luhn_ok(text: str) -> bool:
@@ -126,6 +132,28 @@ class Redactor:
 
         return replace
 
+    def redact_prefix(self, text: str, limit: int, margin: int = REDACT_MARGIN) -> tuple[str, bool]:
+        """``text`` redacted and cut to at most ``limit`` characters; ``True`` when something was cut.
+
+        The cost is bounded whatever the length of ``text``: only its first
+        ``limit + 2 * margin`` characters are redacted. A match straddling the end of that
+        window may be seen only in part, so when the window cut the text, what is kept
+        stops at least ``margin`` characters before the end of the redacted window: a
+        secret shorter than ``margin`` is never kept, whole or in part, whichever rule
+        would have found it. Redaction runs before the cut, so a secret is never cut
+        into a piece that no rule recognises.
+        """
+        if limit <= 0:
+            return "", bool(text)
+        window = text[: limit + 2 * margin]
+        redacted = self.redact(window)
+        keep = limit
+        if len(window) < len(text):
+            keep = max(0, min(limit, len(redacted) - margin))
+        if len(redacted) <= keep:
+            return redacted, False
+        return redacted[:keep], True
+
     def redact_json(self, value: object) -> object:
         """A JSON-like value (dicts, lists, strings) with every string redacted; keys are kept."""
         if isinstance(value, str):
@@ -175,7 +203,9 @@ def _check_regex(text: str) -> str:
     return text
 
 
-def parse_redaction(r: Reader, node: Node, path: str, ctx: object = None) -> RedactionSettings:
+def parse_redaction(
+    r: Reader, node: Node, path: str, ctx: object = None, *, headers: bool = True
+) -> RedactionSettings:
     """Parse the ``redaction`` section::
 
         redaction:
@@ -185,9 +215,12 @@ def parse_redaction(r: Reader, node: Node, path: str, ctx: object = None) -> Red
 
     Every problem is recorded on ``r`` with its location; a wrong value falls back to
     its default. ``ctx`` is accepted for the config loader's section signature.
+    ``headers=False`` parses a section that redacts text only (``tracing.redaction``):
+    a ``headers`` key is then reported as unknown.
     """
     d = RedactionSettings()
-    m = r.mapping(node, path, ("defaults", "patterns", "headers"))
+    keys = ("defaults", "patterns", "headers") if headers else ("defaults", "patterns")
+    m = r.mapping(node, path, keys)
     if m is None:
         return d
     patterns: list[tuple[str, str]] = []
@@ -201,9 +234,9 @@ def parse_redaction(r: Reader, node: Node, path: str, ctx: object = None) -> Red
             pattern = r.convert(value_node, field, _check_regex, what="pattern")
             if pattern is not None:
                 patterns.append((name, pattern))
-    headers = r.string_list(m.get("headers"), join(path, "headers"), [])
+    names = r.string_list(m.get("headers"), join(path, "headers"), [])
     return RedactionSettings(
         use_defaults=r.boolean(m.get("defaults"), join(path, "defaults"), d.use_defaults),
         patterns=tuple(patterns),
-        headers=tuple(h.lower() for h in headers),
+        headers=tuple(h.lower() for h in names),
     )

@@ -12,7 +12,11 @@ fact, with the same ids, so a trace reads client → sidecar → upstream:
 - :func:`to_span` builds an SDK ``ReadableSpan`` (kind CLIENT, parent = the
   client's span, start and end in ns, status ERROR with ``error.type`` on failure);
 - :class:`TracingSink` hands spans to a ``BatchSpanProcessor`` (its own thread,
-  a bounded queue) exporting with OTLP over gRPC or HTTP/protobuf.
+  a bounded queue) exporting with OTLP over gRPC or HTTP/protobuf;
+- opt-in content capture (``tracing.capture_content``): :func:`content_attributes`
+  turns a record's captured prompt and completion into the GenAI
+  ``gen_ai.input.messages`` / ``gen_ai.system_instructions`` / ``gen_ai.output.messages``
+  attributes, redacted (:mod:`sidecar.redact`) and truncated, on the export thread.
 
 :meth:`TracingSink.offer` never waits: it builds the span (a few microseconds) and
 appends it to the processor's queue. The number of spans not yet exported is
@@ -37,6 +41,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -61,21 +66,39 @@ from yaml.nodes import Node
 from sidecar import __version__
 from sidecar.calllog import tokens_source
 from sidecar.model import CallRecord
+from sidecar.redact import RedactionSettings, Redactor, parse_redaction
 from sidecar.yamlspec import Reader, join
 
 __all__ = [
+    "CONTENT_DROP_REASONS",
+    "CONTENT_TRUNCATED",
     "DROP_REASONS",
+    "INPUT_MESSAGES",
+    "OUTPUT_MESSAGES",
     "PROTOCOLS",
     "SAMPLERS",
+    "SYSTEM_INSTRUCTIONS",
+    "ExportSection",
+    "ExportTarget",
+    "OtlpExport",
     "TracingSection",
     "TracingSettings",
     "TracingSink",
     "build_resource",
+    "check_endpoint",
+    "content_attributes",
+    "env_int",
+    "env_ms",
+    "grpc_channel",
     "operation_name",
     "parse_tracing",
+    "request_content",
+    "resolve_otlp_export",
+    "resolve_resource",
     "resolve_tracing",
     "span_attributes",
     "span_name",
+    "string_map",
     "to_span",
 ]
 
@@ -97,7 +120,8 @@ SAMPLERS: tuple[str, ...] = (
 DROP_REASONS: tuple[str, ...] = ("queue_full", "export_failed", "shutdown", "invalid")
 
 SERVICE_NAME = "llm-sidecar"
-_DEFAULT_HTTP_ENDPOINT = "http://localhost:4318/v1/traces"
+_DEFAULT_HTTP_BASE = "http://localhost:4318"
+_DEFAULT_HTTP_ENDPOINT = _DEFAULT_HTTP_BASE + "/v1/traces"
 _DEFAULT_GRPC_ENDPOINT = "http://localhost:4317"
 
 # -- settings -------------------------------------------------------------------------
@@ -128,6 +152,10 @@ class TracingSettings:
     queue_size: int = 2048
     batch_size: int = 512
     schedule_delay: float = 5.0
+    # Opt-in prompt and completion capture (see "content capture" below).
+    capture_content: bool = False
+    capture_max_length: int = 8192
+    redaction: RedactionSettings = field(default_factory=RedactionSettings)
 
     @property
     def sample_ratio(self) -> float:
@@ -158,6 +186,9 @@ class TracingSection:
     queue_size: int | None = None
     batch_size: int | None = None
     schedule_delay: float | None = None
+    capture_content: bool | None = None
+    capture_max_length: int | None = None
+    redaction: RedactionSettings | None = None
 
 
 class _PathContext(Protocol):
@@ -167,7 +198,8 @@ class _PathContext(Protocol):
 _TRACING_KEYS = tuple(TracingSection.__dataclass_fields__)
 
 
-def _string_map(r: Reader, node: Node | None, path: str) -> tuple[tuple[str, str], ...] | None:
+def string_map(r: Reader, node: Node | None, path: str) -> tuple[tuple[str, str], ...] | None:
+    """A mapping of strings (``headers``, ``resource_attributes``) as pairs; ``None`` when absent."""
     if node is None:
         return None
     out: list[tuple[str, str]] = []
@@ -200,8 +232,12 @@ def parse_tracing(r: Reader, node: Node, path: str, ctx: _PathContext | None = N
             m.get("sampler_arg"), join(path, "sampler_arg"), f"must be between 0 and 1, got {sampler_arg}"
         )
         sampler_arg = None
-    endpoint = r.convert(*at("endpoint"), _check_endpoint, what="endpoint")
-    headers = _string_map(r, *at("headers"))
+    endpoint = r.convert(*at("endpoint"), check_endpoint, what="endpoint")
+    headers = string_map(r, *at("headers"))
+    redaction_node = m.get("redaction")
+    redaction = None
+    if redaction_node is not None:
+        redaction = parse_redaction(r, redaction_node, join(path, "redaction"), headers=False)
     return TracingSection(
         enabled=r.boolean(*at("enabled")),
         protocol=r.string(*at("protocol"), choices=PROTOCOLS),
@@ -212,16 +248,20 @@ def parse_tracing(r: Reader, node: Node, path: str, ctx: _PathContext | None = N
         insecure=r.boolean(*at("insecure")),
         certificate=certificate,
         service_name=r.string(*at("service_name")),
-        resource_attributes=_string_map(r, *at("resource_attributes")),
+        resource_attributes=string_map(r, *at("resource_attributes")),
         sampler=r.string(*at("sampler"), choices=SAMPLERS),
         sampler_arg=sampler_arg,
         queue_size=r.integer(*at("queue_size"), minimum=1),
         batch_size=r.integer(*at("batch_size"), minimum=1),
         schedule_delay=r.duration(*at("schedule_delay"), positive=True),
+        capture_content=r.boolean(*at("capture_content")),
+        capture_max_length=r.integer(*at("capture_max_length"), minimum=1),
+        redaction=redaction,
     )
 
 
-def _check_endpoint(text: str) -> str:
+def check_endpoint(text: str) -> str:
+    """``text`` if it is an ``http(s)://`` URL with a host; raises ``ValueError`` otherwise."""
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
@@ -251,6 +291,183 @@ def _first(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
     return None
 
 
+class ExportSection(Protocol):
+    """The exporter keys of a config section (``tracing``, ``usage_logs``): ``None`` = not set."""
+
+    @property
+    def protocol(self) -> str | None: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...] | None: ...
+    @property
+    def timeout(self) -> float | None: ...
+    @property
+    def compression(self) -> str | None: ...
+    @property
+    def insecure(self) -> bool | None: ...
+    @property
+    def certificate(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class OtlpExport:
+    """Where and how one signal goes: a section's exporter keys merged with ``OTEL_EXPORTER_OTLP_*``."""
+
+    protocol: str
+    endpoint: str
+    headers: tuple[tuple[str, str], ...]
+    timeout: float
+    compression: str
+    insecure: bool | None
+    certificate: str | None
+
+
+def env_bool(env: Mapping[str, str], names: Sequence[str], warnings: list[str]) -> bool | None:
+    """The first of ``names`` set, read as ``true``/``false`` (anything else: a warning and ``None``)."""
+    found = _first(env, *names)
+    if found is None:
+        return None
+    if found[1].lower() not in ("true", "false"):
+        warnings.append(f"{found[0]}={found[1]!r} is not true or false: ignored")
+        return None
+    return found[1].lower() == "true"
+
+
+def env_int(env: Mapping[str, str], name: str, minimum: int, warnings: list[str]) -> int | None:
+    """``name`` as an integer of at least ``minimum`` (anything else: a warning and ``None``)."""
+    found = _first(env, name)
+    if found is None:
+        return None
+    try:
+        value = int(found[1])
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        warnings.append(f"{name}={found[1]!r} is not an integer >= {minimum}: ignored")
+        return None
+    return value
+
+
+def env_ms(found: tuple[str, str] | None, warnings: list[str]) -> float | None:
+    """A positive number of milliseconds (as the specification writes durations), in seconds."""
+    if found is None:
+        return None
+    try:
+        value = float(found[1])
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value <= 0:
+        warnings.append(f"{found[0]}={found[1]!r} is not a positive number of milliseconds: ignored")
+        return None
+    return value / 1000
+
+
+def resolve_otlp_export(
+    section: ExportSection,
+    env: Mapping[str, str],
+    signal: str,
+    warnings: list[str],
+    default_timeout: float = 10.0,
+) -> OtlpExport:
+    """The exporter of one signal (``TRACES``, ``LOGS``): the section's keys, else the environment.
+
+    Reads ``OTEL_EXPORTER_OTLP_{signal}_*`` then ``OTEL_EXPORTER_OTLP_*`` (``PROTOCOL``,
+    ``ENDPOINT``, ``HEADERS``, ``TIMEOUT``, ``COMPRESSION``, ``INSECURE``,
+    ``CERTIFICATE``). The generic endpoint is a base URL: HTTP appends ``/v1/<signal>``.
+    Malformed values are appended to ``warnings`` and their defaults used.
+    """
+    path = f"/v1/{signal.lower()}"
+
+    def var(suffix: str) -> tuple[str, str] | None:
+        return _first(env, f"OTEL_EXPORTER_OTLP_{signal}_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
+
+    protocol = section.protocol
+    if protocol is None:
+        found = var("PROTOCOL")
+        if found is not None and found[1] not in PROTOCOLS:
+            warnings.append(
+                f"{found[0]}={found[1]!r} is not supported (grpc or http/protobuf): using http/protobuf"
+            )
+        elif found is not None:
+            protocol = found[1]
+    protocol = protocol or "http/protobuf"
+    endpoint = section.endpoint
+    if endpoint is None:
+        specific = _first(env, f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT")
+        generic = _first(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+        if specific is not None:
+            endpoint = specific[1]
+        elif generic is not None:
+            endpoint = generic[1] if protocol == "grpc" else generic[1].rstrip("/") + path
+        source = specific or generic
+        if endpoint is not None and source is not None:
+            try:
+                check_endpoint(endpoint)
+            except ValueError as exc:
+                warnings.append(f"{source[0]}={source[1]!r}: {exc}: using the default")
+                endpoint = None
+    if endpoint is None:
+        endpoint = _DEFAULT_GRPC_ENDPOINT if protocol == "grpc" else _DEFAULT_HTTP_BASE + path
+
+    headers = section.headers
+    if headers is None:
+        found = var("HEADERS")
+        if found is not None:
+            pairs, bad = _pairs(found[1])
+            if bad:
+                warnings.append(f"{found[0]}: malformed members ignored: {', '.join(bad)}")
+            headers = tuple((k.lower(), v) for k, v in pairs)
+    compression = section.compression
+    if compression is None:
+        found = var("COMPRESSION")
+        if found is not None and found[1].lower() not in ("gzip", "none"):
+            warnings.append(f"{found[0]}={found[1]!r} is not supported (gzip or none): using none")
+        elif found is not None:
+            compression = found[1].lower()
+    certificate = section.certificate
+    if certificate is None:
+        found = var("CERTIFICATE")
+        certificate = found[1] if found is not None else None
+    insecure = section.insecure
+    if insecure is None:
+        insecure = env_bool(
+            env, (f"OTEL_EXPORTER_OTLP_{signal}_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE"), warnings
+        )
+    return OtlpExport(
+        protocol=protocol,
+        endpoint=endpoint,
+        headers=headers or (),
+        timeout=section.timeout or env_ms(var("TIMEOUT"), warnings) or default_timeout,
+        compression=compression or "none",
+        insecure=insecure,
+        certificate=certificate,
+    )
+
+
+def resolve_resource(
+    service_name: str | None,
+    attributes: tuple[tuple[str, str], ...] | None,
+    env: Mapping[str, str],
+    warnings: list[str],
+) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The service name and the other resource attributes: the file's, else ``OTEL_SERVICE_NAME``
+    and ``OTEL_RESOURCE_ATTRIBUTES`` (whose ``service.name`` is the fallback), else ``llm-sidecar``."""
+    resource: dict[str, str] = {}
+    found = _first(env, "OTEL_RESOURCE_ATTRIBUTES")
+    if found is not None:
+        pairs, bad = _pairs(found[1])
+        if bad:
+            warnings.append(f"OTEL_RESOURCE_ATTRIBUTES: malformed members ignored: {', '.join(bad)}")
+        resource.update(pairs)
+    resource.update(attributes or ())
+    if service_name is None:
+        found = _first(env, "OTEL_SERVICE_NAME")
+        service_name = found[1] if found is not None else resource.get("service.name", SERVICE_NAME)
+    resource.pop("service.name", None)
+    return service_name, tuple(sorted(resource.items()))
+
+
 def resolve_tracing(
     section: TracingSection | None, env: Mapping[str, str]
 ) -> tuple[TracingSettings, list[str]]:
@@ -265,48 +482,12 @@ def resolve_tracing(
     INSECURE,CERTIFICATE}``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
     ``OTEL_TRACES_SAMPLER[_ARG]``, ``OTEL_BSP_{MAX_QUEUE_SIZE,MAX_EXPORT_BATCH_SIZE,
     SCHEDULE_DELAY}``. Timeouts and delays in the environment are milliseconds, as
-    the specification says.
+    the specification says. Content capture is set in the file only: no environment
+    variable turns it on.
     """
     s = section or TracingSection()
     warnings: list[str] = []
     d = TracingSettings()
-
-    def signal(suffix: str) -> tuple[str, str] | None:
-        return _first(env, f"OTEL_EXPORTER_OTLP_TRACES_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
-
-    def env_bool(suffix: str) -> bool | None:
-        found = signal(suffix)
-        if found is None:
-            return None
-        if found[1].lower() not in ("true", "false"):
-            warnings.append(f"{found[0]}={found[1]!r} is not true or false: ignored")
-            return None
-        return found[1].lower() == "true"
-
-    def env_int(name: str, minimum: int) -> int | None:
-        found = _first(env, name)
-        if found is None:
-            return None
-        try:
-            value = int(found[1])
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            warnings.append(f"{name}={found[1]!r} is not an integer >= {minimum}: ignored")
-            return None
-        return value
-
-    def env_ms(found: tuple[str, str] | None) -> float | None:
-        if found is None:
-            return None
-        try:
-            value = float(found[1])
-        except ValueError:
-            value = -1.0
-        if not math.isfinite(value) or value <= 0:
-            warnings.append(f"{found[0]}={found[1]!r} is not a positive number of milliseconds: ignored")
-            return None
-        return value / 1000
 
     # On or off.
     exporters = {e.strip().lower() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
@@ -316,75 +497,13 @@ def resolve_tracing(
             f"OTEL_TRACES_EXPORTER: only otlp is supported, ignoring {', '.join(sorted(unsupported))}"
         )
     env_disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporters == {"none"}
-    env_endpoint = signal("ENDPOINT")
+    env_endpoint = _first(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
     env_on = "otlp" in exporters or env_endpoint is not None
     env_enabled = (env_on or s.endpoint is not None) and not env_disabled
     enabled = s.enabled if s.enabled is not None else env_enabled
 
-    # Protocol and endpoint.
-    protocol = s.protocol
-    if protocol is None:
-        found = signal("PROTOCOL")
-        if found is not None and found[1] not in PROTOCOLS:
-            warnings.append(
-                f"{found[0]}={found[1]!r} is not supported (grpc or http/protobuf): using {d.protocol}"
-            )
-        elif found is not None:
-            protocol = found[1]
-    protocol = protocol or d.protocol
-    endpoint = s.endpoint
-    if endpoint is None:
-        specific = _first(env, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        generic = _first(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
-        if specific is not None:
-            endpoint = specific[1]
-        elif generic is not None:
-            # The generic endpoint is a base URL: HTTP appends the signal's path.
-            endpoint = generic[1] if protocol == "grpc" else generic[1].rstrip("/") + "/v1/traces"
-        source = specific or generic
-        if endpoint is not None and source is not None:
-            try:
-                _check_endpoint(endpoint)
-            except ValueError as exc:
-                warnings.append(f"{source[0]}={source[1]!r}: {exc}: using the default")
-                endpoint = None
-    if endpoint is None:
-        endpoint = _DEFAULT_GRPC_ENDPOINT if protocol == "grpc" else _DEFAULT_HTTP_ENDPOINT
-
-    headers = s.headers
-    if headers is None:
-        found = signal("HEADERS")
-        if found is not None:
-            pairs, bad = _pairs(found[1])
-            if bad:
-                warnings.append(f"{found[0]}: malformed members ignored: {', '.join(bad)}")
-            headers = tuple((k.lower(), v) for k, v in pairs)
-    compression = s.compression
-    if compression is None:
-        found = signal("COMPRESSION")
-        if found is not None and found[1].lower() not in ("gzip", "none"):
-            warnings.append(f"{found[0]}={found[1]!r} is not supported (gzip or none): using none")
-        elif found is not None:
-            compression = found[1].lower()
-    certificate = s.certificate
-    if certificate is None:
-        found = signal("CERTIFICATE")
-        certificate = found[1] if found is not None else None
-
-    # Resource.
-    resource: dict[str, str] = {}
-    found = _first(env, "OTEL_RESOURCE_ATTRIBUTES")
-    if found is not None:
-        pairs, bad = _pairs(found[1])
-        if bad:
-            warnings.append(f"OTEL_RESOURCE_ATTRIBUTES: malformed members ignored: {', '.join(bad)}")
-        resource.update(pairs)
-    resource.update(s.resource_attributes or ())
-    service_name = s.service_name
-    if service_name is None:
-        found = _first(env, "OTEL_SERVICE_NAME")
-        service_name = found[1] if found is not None else resource.get("service.name", d.service_name)
-    resource.pop("service.name", None)
+    export = resolve_otlp_export(s, env, "TRACES", warnings, d.timeout)
+    service_name, resource = resolve_resource(s.service_name, s.resource_attributes, env, warnings)
 
     # Sampler.
     sampler = s.sampler
@@ -415,20 +534,27 @@ def resolve_tracing(
 
     settings = TracingSettings(
         enabled=enabled,
-        protocol=protocol,
-        endpoint=endpoint,
-        headers=headers if headers is not None else d.headers,
-        timeout=s.timeout or env_ms(signal("TIMEOUT")) or d.timeout,
-        compression=compression or d.compression,
-        insecure=s.insecure if s.insecure is not None else env_bool("INSECURE"),
-        certificate=certificate,
+        protocol=export.protocol,
+        endpoint=export.endpoint,
+        headers=export.headers,
+        timeout=export.timeout,
+        compression=export.compression,
+        insecure=export.insecure,
+        certificate=export.certificate,
         service_name=service_name,
-        resource_attributes=tuple(sorted(resource.items())),
+        resource_attributes=resource,
         sampler=sampler,
         sampler_arg=sampler_arg if sampler_arg is not None else d.sampler_arg,
-        queue_size=s.queue_size or env_int("OTEL_BSP_MAX_QUEUE_SIZE", 1) or d.queue_size,
-        batch_size=s.batch_size or env_int("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1) or d.batch_size,
-        schedule_delay=s.schedule_delay or env_ms(_first(env, "OTEL_BSP_SCHEDULE_DELAY")) or d.schedule_delay,
+        queue_size=s.queue_size or env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 1, warnings) or d.queue_size,
+        batch_size=s.batch_size
+        or env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 1, warnings)
+        or d.batch_size,
+        schedule_delay=s.schedule_delay
+        or env_ms(_first(env, "OTEL_BSP_SCHEDULE_DELAY"), warnings)
+        or d.schedule_delay,
+        capture_content=s.capture_content if s.capture_content is not None else d.capture_content,
+        capture_max_length=s.capture_max_length or d.capture_max_length,
+        redaction=s.redaction if s.redaction is not None else d.redaction,
     )
     if settings.batch_size > settings.queue_size:
         warnings.append(
@@ -531,8 +657,17 @@ def span_attributes(record: CallRecord) -> dict[str, AttributeValue]:
     return attrs
 
 
-def build_resource(settings: TracingSettings) -> Resource:
-    """The resource of every span: service name, SDK identity and the configured attributes."""
+class ResourceSettings(Protocol):
+    """What the resource is made of (:class:`TracingSettings`, the usage logs' settings)."""
+
+    @property
+    def service_name(self) -> str: ...
+    @property
+    def resource_attributes(self) -> tuple[tuple[str, str], ...]: ...
+
+
+def build_resource(settings: ResourceSettings) -> Resource:
+    """The resource of every span (and usage log): service name, SDK identity, configured attributes."""
     attributes: dict[str, AttributeValue] = {
         "telemetry.sdk.language": "python",
         "telemetry.sdk.name": "opentelemetry",
@@ -553,8 +688,17 @@ def _ns(epoch: float) -> int:
     return round(epoch * 1_000_000) * 1000
 
 
-def to_span(record: CallRecord, resource: Resource, scope: InstrumentationScope = _SCOPE) -> ReadableSpan:
-    """The record's span with the ids the proxy chose; raises ``ValueError`` when it has none."""
+def to_span(
+    record: CallRecord,
+    resource: Resource,
+    scope: InstrumentationScope = _SCOPE,
+    cls: type[ReadableSpan] = ReadableSpan,
+) -> ReadableSpan:
+    """The record's span with the ids the proxy chose; raises ``ValueError`` when it has none.
+
+    ``cls`` is the span class to build (the sink's :class:`_ContentSpan` when the content
+    attributes are still to be added).
+    """
     if not record.trace_id or not record.span_id:
         raise ValueError(f"record {record.request_id} carries no trace context")
     trace_id = int(record.trace_id, 16)
@@ -567,7 +711,7 @@ def to_span(record: CallRecord, resource: Resource, scope: InstrumentationScope 
     start_ns = _ns(record.started_at)
     end_ns = max(start_ns, _ns(record.finished_at or record.started_at + record.duration_s))
     status = Status(StatusCode.ERROR, record.error_type) if record.error_type else Status(StatusCode.UNSET)
-    return ReadableSpan(
+    return cls(
         name=span_name(record),
         context=context,
         parent=parent,
@@ -581,26 +725,360 @@ def to_span(record: CallRecord, resource: Resource, scope: InstrumentationScope 
     )
 
 
+# -- opt-in content capture (pure) -------------------------------------------------------
+#
+# OpenTelemetry GenAI semantic conventions v1.41, docs/gen-ai/gen-ai-spans.md, "Capturing
+# instructions, inputs, and outputs": prompts and completions are not captured by default;
+# when the user opts in they go on the inference span as the Opt-In attributes
+# ``gen_ai.input.messages`` (the chat history, in the order sent), ``gen_ai.system_instructions``
+# (instructions given apart from the history: Anthropic ``system``, Responses
+# ``instructions``) and ``gen_ai.output.messages``, shaped per gen-ai-input-messages.json and
+# gen-ai-output-messages.json (``{"role", "parts": [{"type": "text", "content"}, ...]}``).
+# The Python SDK has no structured (complex) span attributes, so each is recorded as a JSON
+# string, as the conventions say to do then ("SHOULD be serialized to JSON string on spans").
+# Truncation keeps the JSON structure and cuts the message contents ("Instrumentation MAY
+# provide a configuration option allowing to truncate properties such as individual message
+# contents, preserving JSON structure"). The embeddings span has no content attributes.
+
+INPUT_MESSAGES = "gen_ai.input.messages"
+OUTPUT_MESSAGES = "gen_ai.output.messages"
+SYSTEM_INSTRUCTIONS = "gen_ai.system_instructions"
+CONTENT_TRUNCATED = "sidecar.content.truncated"
+#: Operations whose spans carry content (by ``gen_ai.operation.name``).
+CONTENT_OPERATIONS = frozenset({"chat", "text_completion"})
+#: Roles, part types, ids and names from the client are cut to this many characters.
+_LABEL_MAX = 256
+
+_Part = dict[str, str]
+
+
+@dataclass
+class _Message:
+    role: str
+    parts: list[_Part]
+
+
+class _Budget:
+    """Characters of content one attribute may still take; every string is redacted first."""
+
+    def __init__(self, redactor: Redactor, limit: int) -> None:
+        self.redactor = redactor
+        self.left = limit
+        self.truncated = False
+
+    def take(self, text: str) -> str:
+        if not text:
+            return text
+        kept, cut = self.redactor.redact_prefix(text, self.left)
+        self.left -= len(kept)
+        if cut:
+            self.truncated = True
+            self.left = 0
+        return kept
+
+    def label(self, text: str) -> str:
+        """A role, part type, id or name: short, redacted, not counted."""
+        return self.redactor.redact(text[:_LABEL_MAX])
+
+    def part(self, part: _Part) -> _Part:
+        return {key: self.label(value) if key == "type" else self.take(value) for key, value in part.items()}
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _list(value: object) -> list[object]:
+    return value if isinstance(value, list) else []
+
+
+def _obj(value: object) -> dict[str, object] | None:
+    return value if isinstance(value, dict) else None
+
+
+def _text(text: str) -> _Part:
+    return {"type": "text", "content": text}
+
+
+def _tool_call(call_id: str | None, name: str | None, arguments: object) -> _Part:
+    part: _Part = {"type": "tool_call", "name": name or ""}
+    if call_id:
+        part["id"] = call_id
+    if isinstance(arguments, str):
+        part["arguments"] = arguments
+    elif arguments is not None:
+        part["arguments"] = json.dumps(arguments, ensure_ascii=False)
+    return part
+
+
+def _tool_response(call_id: str | None, response: object) -> _Part:
+    part: _Part = {"type": "tool_call_response", "response": _joined_text(response)}
+    if call_id:
+        part["id"] = call_id
+    return part
+
+
+def _joined_text(content: object) -> str:
+    """A string, or the text of a list of content parts joined with newlines; else JSON."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [_str(p.get("text")) for p in content if isinstance(p, dict)]
+        return "\n".join(t for t in texts if t is not None)
+    return "" if content is None else json.dumps(content, ensure_ascii=False)
+
+
+def _generic(kind: object) -> _Part:
+    """A part with no text (image, audio, file, ...): recorded by its type only."""
+    return {"type": _str(kind) or "unknown"}
+
+
+def _openai_parts(content: object) -> list[_Part]:
+    """Chat Completions / Responses content: a string or a list of typed parts."""
+    if isinstance(content, str):
+        return [_text(content)]
+    parts: list[_Part] = []
+    for item in _list(content):
+        part = _obj(item)
+        if part is None:
+            continue
+        text = _str(part.get("text"))
+        if text is None:
+            text = _str(part.get("refusal"))
+        parts.append(_text(text) if text is not None else _generic(part.get("type")))
+    return parts
+
+
+def _chat_messages(request: dict[str, object]) -> list[_Message]:
+    """OpenAI Chat Completions ``messages`` (system and developer messages are chat history)."""
+    out: list[_Message] = []
+    for item in _list(request.get("messages")):
+        message = _obj(item)
+        if message is None:
+            continue
+        role = _str(message.get("role")) or "user"
+        parts: list[_Part] = []
+        if role in ("tool", "function"):
+            call_id = _str(message.get("tool_call_id")) or _str(message.get("name"))
+            parts.append(_tool_response(call_id, message.get("content")))
+        else:
+            parts.extend(_openai_parts(message.get("content")))
+        for raw in _list(message.get("tool_calls")):
+            call = _obj(raw)
+            function = _obj(call.get("function")) if call is not None else None
+            if call is not None:
+                name = _str(function.get("name")) if function is not None else None
+                arguments = function.get("arguments") if function is not None else None
+                parts.append(_tool_call(_str(call.get("id")), name, arguments))
+        legacy = _obj(message.get("function_call"))
+        if legacy is not None:
+            parts.append(_tool_call(None, _str(legacy.get("name")), legacy.get("arguments")))
+        out.append(_Message(role, parts))
+    return out
+
+
+def _anthropic_parts(content: object) -> list[_Part]:
+    if isinstance(content, str):
+        return [_text(content)]
+    parts: list[_Part] = []
+    for item in _list(content):
+        block = _obj(item)
+        if block is None:
+            continue
+        kind = block.get("type")
+        if kind == "text":
+            parts.append(_text(_str(block.get("text")) or ""))
+        elif kind == "tool_use":
+            parts.append(_tool_call(_str(block.get("id")), _str(block.get("name")), block.get("input")))
+        elif kind == "tool_result":
+            parts.append(_tool_response(_str(block.get("tool_use_id")), block.get("content")))
+        elif kind == "thinking":
+            parts.append({"type": "reasoning", "content": _str(block.get("thinking")) or ""})
+        else:
+            parts.append(_generic(kind))
+    return parts
+
+
+def _anthropic_messages(request: dict[str, object]) -> list[_Message]:
+    out: list[_Message] = []
+    for item in _list(request.get("messages")):
+        message = _obj(item)
+        if message is not None:
+            role = _str(message.get("role")) or "user"
+            out.append(_Message(role, _anthropic_parts(message.get("content"))))
+    return out
+
+
+def _responses_input(request: dict[str, object]) -> list[_Message]:
+    """OpenAI Responses ``input``: a string, or items (messages, function calls and outputs)."""
+    given = request.get("input")
+    if isinstance(given, str):
+        return [_Message("user", [_text(given)])]
+    out: list[_Message] = []
+    for raw in _list(given):
+        item = _obj(raw)
+        if item is None:
+            continue
+        kind = item.get("type")
+        role = _str(item.get("role"))
+        if role is not None:
+            out.append(_Message(role, _openai_parts(item.get("content"))))
+        elif kind == "function_call":
+            call = _tool_call(_str(item.get("call_id")), _str(item.get("name")), item.get("arguments"))
+            out.append(_Message("assistant", [call]))
+        elif kind == "function_call_output":
+            out.append(_Message("tool", [_tool_response(_str(item.get("call_id")), item.get("output"))]))
+        else:
+            out.append(_Message("assistant", [_generic(kind)]))
+    return out
+
+
+def _completion_prompt(request: dict[str, object]) -> list[_Message]:
+    """Legacy Completions ``prompt``: a string or a list of strings (token-id prompts have no text)."""
+    prompt = request.get("prompt")
+    texts = [prompt] if isinstance(prompt, str) else [p for p in _list(prompt) if isinstance(p, str)]
+    return [_Message("user", [_text(t) for t in texts])] if texts else []
+
+
+def _instructions(value: object) -> list[_Part]:
+    """Anthropic ``system`` or Responses ``instructions``: a string or a list of text blocks."""
+    if isinstance(value, str):
+        return [_text(value)] if value else []
+    parts: list[_Part] = []
+    for item in _list(value):
+        block = _obj(item)
+        text = _str(block.get("text")) if block is not None else None
+        if text is not None:
+            parts.append(_text(text))
+    return parts
+
+
+def request_content(operation: str, request: dict[str, object]) -> tuple[list[_Message], list[_Part]]:
+    """The input messages and system instructions of a parsed request, by ``CallRecord.operation``."""
+    if operation == "chat":
+        return _chat_messages(request), []
+    if operation == "messages":
+        return _anthropic_messages(request), _instructions(request.get("system"))
+    if operation == "responses":
+        return _responses_input(request), _instructions(request.get("instructions"))
+    if operation == "text_completion":
+        return _completion_prompt(request), []
+    return [], []
+
+
+def _load_request(body: bytes) -> dict[str, object] | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON (a compressed body among them), or absurdly deep
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _json(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    # A lone surrogate (a JSON "\ud800" escape) cannot go into the protobuf's UTF-8 string.
+    return text if text.isascii() else text.encode("utf-8", "replace").decode("utf-8")
+
+
+def content_attributes(record: CallRecord, redactor: Redactor, max_length: int) -> dict[str, AttributeValue]:
+    """The content attributes of a call whose record carries captured content (else none).
+
+    Every string is redacted before it is cut, and each attribute holds at most
+    ``max_length`` characters of content (texts, tool arguments and results): input
+    messages are kept newest first (older messages that do not fit are left out, the
+    one that does not fit whole is cut), system instructions and output in order.
+    ``sidecar.content.truncated`` is ``true`` when anything was cut or left out. A
+    request body that is not a JSON object (compressed, malformed) gives no input.
+
+    CPU-bound (JSON parsing, regular expressions): the tracing sink runs it on the
+    export thread, never on the event loop.
+    """
+    content = record.content
+    if content is None or operation_name(record) not in CONTENT_OPERATIONS:
+        return {}
+    attrs: dict[str, AttributeValue] = {}
+    truncated = False
+    request = _load_request(content.request_body) if content.request_body else None
+    if request is not None:
+        messages, system = request_content(record.operation, request)
+        budget = _Budget(redactor, max_length)
+        kept: list[dict[str, object]] = []
+        for message in reversed(messages):
+            if budget.left <= 0:
+                budget.truncated = True
+                break
+            parts = [budget.part(part) for part in message.parts]
+            kept.append({"role": budget.label(message.role), "parts": parts})
+        if kept:
+            kept.reverse()
+            attrs[INPUT_MESSAGES] = _json(kept)
+        truncated = budget.truncated
+        if system:
+            budget = _Budget(redactor, max_length)
+            attrs[SYSTEM_INSTRUCTIONS] = _json([budget.part(part) for part in system])
+            truncated = truncated or budget.truncated
+    if content.output_text:
+        budget = _Budget(redactor, max_length)
+        output: dict[str, object] = {"role": "assistant", "parts": [budget.part(_text(content.output_text))]}
+        if record.finish_reasons:
+            output["finish_reason"] = record.finish_reasons[0]
+        attrs[OUTPUT_MESSAGES] = _json([output])
+        truncated = truncated or budget.truncated
+    if truncated:
+        attrs[CONTENT_TRUNCATED] = True
+    return attrs
+
+
 # -- the sink ---------------------------------------------------------------------------
+
+
+class ExportTarget(Protocol):
+    """Resolved exporter settings (:class:`TracingSettings`, :class:`OtlpExport`, ...)."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def compression(self) -> str: ...
+    @property
+    def insecure(self) -> bool | None: ...
+    @property
+    def certificate(self) -> str | None: ...
+
+
+def grpc_channel(target: ExportTarget) -> tuple[bool, object]:
+    """``(insecure, credentials)`` for an OTLP gRPC exporter (blocking: reads the certificate file).
+
+    Plain text for an ``http://`` endpoint unless ``insecure`` says otherwise, TLS for
+    ``https://``, with the configured CA bundle or the system's.
+    """
+    import grpc  # type: ignore[import-untyped]
+
+    scheme = urlsplit(target.endpoint).scheme
+    insecure = target.insecure if target.insecure is not None else scheme == "http"
+    if scheme == "https":
+        insecure = False
+    credentials = None
+    if not insecure and target.certificate:
+        credentials = grpc.ssl_channel_credentials(Path(target.certificate).read_bytes())
+    elif not insecure:
+        credentials = grpc.ssl_channel_credentials()
+    return insecure, credentials
 
 
 def build_exporter(settings: TracingSettings) -> SpanExporter:
     """The OTLP exporter named by the settings (blocking: reads the certificate file)."""
     if settings.protocol == "grpc":
-        import grpc  # type: ignore[import-untyped]
         from grpc import Compression as GrpcCompression
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 
         gzip = settings.compression == "gzip"
-        scheme = urlsplit(settings.endpoint).scheme
-        insecure = settings.insecure if settings.insecure is not None else scheme == "http"
-        if scheme == "https":
-            insecure = False
-        credentials = None
-        if not insecure and settings.certificate:
-            credentials = grpc.ssl_channel_credentials(Path(settings.certificate).read_bytes())
-        elif not insecure:
-            credentials = grpc.ssl_channel_credentials()
+        insecure, credentials = grpc_channel(settings)
         return GrpcExporter(
             endpoint=settings.endpoint,
             insecure=insecure,
@@ -621,14 +1099,64 @@ def build_exporter(settings: TracingSettings) -> SpanExporter:
     )
 
 
+#: Captured content (request bodies and generated text) that spans waiting for export may
+#: hold, in bytes; past it a span goes out without its content (counted).
+MAX_PENDING_CONTENT = 64 * 1024 * 1024
+#: Spans with content are exported in requests of about this many bytes of content at most,
+#: well under the 4 MiB a Collector's gRPC receiver accepts by default.
+MAX_CONTENT_PER_EXPORT = 2 * 1024 * 1024
+#: Reasons captured content is left off a span, the values of ``llm_spans_content_dropped_total``.
+CONTENT_DROP_REASONS: tuple[str, ...] = ("memory", "error")
+_CONTENT_KEYS = (INPUT_MESSAGES, SYSTEM_INSTRUCTIONS, OUTPUT_MESSAGES)
+
+
+class _ContentSpan(ReadableSpan):
+    """A span whose content attributes are still to be built from ``pending`` (on the export thread)."""
+
+    pending: CallRecord | None = None
+
+
+def _content_weight(span: ReadableSpan) -> int:
+    attrs = span.attributes or {}
+    return 512 + sum(len(value) for key in _CONTENT_KEYS if isinstance(value := attrs.get(key), str))
+
+
 class _CountingExporter(SpanExporter):
-    """Wraps the real exporter to count exported and failed spans (called on the processor's thread)."""
+    """Wraps the real exporter (called on the processor's thread, never on the event loop).
+
+    Counts exported and failed spans; with content capture on, it first adds the content
+    attributes (parsing, redacting, truncating: CPU work kept off the loop) and sends the
+    batch in requests of at most :data:`MAX_CONTENT_PER_EXPORT` bytes of content.
+    """
 
     def __init__(self, inner: SpanExporter, sink: TracingSink) -> None:
         self.inner = inner
         self.sink = sink
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if not self.sink.settings.capture_content:
+            return self._export(spans)
+        ready = [self.sink._with_content(s) if isinstance(s, _ContentSpan) else s for s in spans]
+        result = SpanExportResult.SUCCESS
+        piece: list[ReadableSpan] = []
+        size = 0
+        for span in ready:
+            weight = _content_weight(span)
+            if piece and size + weight > MAX_CONTENT_PER_EXPORT:
+                result = self._export(piece, result)
+                piece, size = [], 0
+            piece.append(span)
+            size += weight
+        return self._export(piece, result) if piece else result
+
+    def _export(
+        self, spans: Sequence[ReadableSpan], so_far: SpanExportResult = SpanExportResult.SUCCESS
+    ) -> SpanExportResult:
+        if so_far is not SpanExportResult.SUCCESS:
+            # An earlier piece of this batch failed: the collector is down or refusing, and
+            # trying the rest would only hold the export thread for another timeout each.
+            self.sink._settle(len(spans), False)
+            return so_far
         try:
             result = self.inner.export(spans)
         except Exception:
@@ -661,6 +1189,16 @@ class _SpanCounters(Collector):
             dropped.add_metric([reason], self.sink.dropped[reason])
         yield dropped
         yield GaugeMetricFamily("llm_spans_queued", "Spans waiting for export", value=self.sink.queued)
+        if self.sink.settings.capture_content:
+            content = CounterMetricFamily(
+                "llm_spans_content_dropped",
+                "Spans exported without their captured content: too much content waiting (memory), "
+                "or it could not be read (error)",
+                labels=["reason"],
+            )
+            for reason, count in self.sink.content_dropped.items():
+                content.add_metric([reason], count)
+            yield content
 
 
 @dataclass
@@ -668,6 +1206,8 @@ class _State:
     queued: int = 0  # handed to the processor, export not settled
     closed: bool = False
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    content_pending: int = 0  # bytes of captured content held by spans not yet exported
+    content_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CONTENT_DROP_REASONS, 0))
 
 
 class TracingSink:
@@ -677,7 +1217,14 @@ class TracingSink:
     SDK's ``InMemorySpanExporter``); with neither an exporter nor
     ``settings.enabled`` the sink accepts records and does nothing. ``registry``
     (optional) gets ``llm_spans_exported_total``, ``llm_spans_dropped_total{reason}``
-    and ``llm_spans_queued``.
+    and ``llm_spans_queued`` (and ``llm_spans_content_dropped_total{reason}`` with
+    content capture on).
+
+    Content capture (``settings.capture_content``): a record that carries
+    :class:`~sidecar.model.CapturedContent` becomes a span marked to receive it;
+    :meth:`offer` only notes its size. The exporter wrapper, on the processor's
+    thread, builds the content attributes (:func:`content_attributes`: JSON parsing,
+    redaction, truncation) just before the span is sent.
     """
 
     name = "traces"
@@ -693,6 +1240,7 @@ class TracingSink:
         self._exporter = exporter
         self._resource = build_resource(settings)
         self._processor: BatchSpanProcessor | None = None
+        self._redactor = Redactor.from_settings(settings.redaction) if settings.capture_content else None
         self._lock = threading.Lock()
         self._state = _State()
         self.exported = 0
@@ -711,30 +1259,84 @@ class TracingSink:
         """Spans handed to the processor whose export has not finished."""
         return self._state.queued
 
+    @property
+    def content_dropped(self) -> dict[str, int]:
+        """Spans exported without their captured content, by reason (a copy)."""
+        with self._lock:
+            return dict(self._state.content_dropped)
+
     def offer(self, record: CallRecord) -> bool:
-        """Turn the record into a span and queue it for export; ``False`` when the queue is full."""
+        """Turn the record into a span and queue it for export; ``False`` when the queue is full.
+
+        O(1) and allocation-light whatever the call carried: captured content is only
+        measured here; its attributes are built on the export thread.
+        """
         processor = self._processor
         if processor is None:
             return True
         if not record.trace_sampled or not record.trace_id or not record.span_id:
             self.skipped += 1
             return True
+        content = record.content if self._redactor is not None else None
+        size = 0
         with self._lock:
             state = self._state
             if state.queued >= self.settings.queue_size:
                 state.dropped["queue_full"] += 1
                 return False
             state.queued += 1
+            if content is not None:
+                size = content.size
+                if state.content_pending + size > MAX_PENDING_CONTENT:
+                    state.content_dropped["memory"] += 1
+                    content, size = None, 0
+                else:
+                    state.content_pending += size
         try:
-            span = to_span(record, self._resource)
+            span = to_span(record, self._resource, cls=ReadableSpan if content is None else _ContentSpan)
         except ValueError:
             log.warning("record %s has a malformed trace context: no span", record.request_id)
             with self._lock:
                 self._state.queued -= 1
                 self._state.dropped["invalid"] += 1
+                self._state.content_pending -= size
             return True
+        if isinstance(span, _ContentSpan):
+            span.pending = record
         processor.on_end(span)
         return True
+
+    def _with_content(self, span: _ContentSpan) -> ReadableSpan:
+        """The span with its content attributes (called on the export thread)."""
+        record, span.pending = span.pending, None
+        if record is None or record.content is None or self._redactor is None:
+            return span
+        try:
+            extra = content_attributes(record, self._redactor, self.settings.capture_max_length)
+        except Exception as exc:  # never let one odd body fail the batch; never log the content
+            log.error(
+                "request %s: content not recorded on its span (%s)", record.request_id, type(exc).__name__
+            )
+            extra = {}
+            with self._lock:
+                self._state.content_dropped["error"] += 1
+        finally:
+            with self._lock:
+                self._state.content_pending = max(0, self._state.content_pending - record.content.size)
+        attributes = dict(span.attributes or {})
+        attributes.update(extra)
+        return ReadableSpan(
+            name=span.name,
+            context=span.context,
+            parent=span.parent,
+            resource=span.resource,
+            attributes=attributes,
+            kind=span.kind,
+            status=span.status,
+            start_time=span.start_time,
+            end_time=span.end_time,
+            instrumentation_scope=span.instrumentation_scope,
+        )
 
     def _settle(self, count: int, ok: bool) -> None:
         with self._lock:
@@ -773,6 +1375,13 @@ class TracingSink:
             settings.service_name,
             settings.sample_ratio,
         )
+        if settings.capture_content:
+            log.warning(
+                "content capture is on: prompts and completions of sampled calls go on their spans, "
+                "redacted (%d rules), at most %d characters per attribute",
+                len(self._redactor.rules) if self._redactor is not None else 0,
+                settings.capture_max_length,
+            )
 
     async def stop(self, timeout: float) -> None:
         """Export what is queued, waiting at most ``timeout`` seconds; spans left over are counted."""
@@ -801,6 +1410,7 @@ class TracingSink:
         with self._lock:
             left = self._state.queued
             self._state.queued = 0
+            self._state.content_pending = 0
             self._state.closed = True
             self._state.dropped["shutdown"] += left
         if left:
