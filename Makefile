@@ -26,8 +26,8 @@ tools:
 	bash .ci/install-tools.sh
 
 lint: venv
-	$(BIN)/ruff format --check sidecar tests bench dashboards helm/llm-sidecar/files
-	$(BIN)/ruff check sidecar tests bench dashboards helm/llm-sidecar/files
+	$(BIN)/ruff format --check sidecar tests bench dashboards helm/llm-sidecar/files hardening
+	$(BIN)/ruff check sidecar tests bench dashboards helm/llm-sidecar/files hardening
 
 typecheck: venv
 	$(BIN)/mypy
@@ -36,13 +36,20 @@ unit: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 fmt: venv
-	$(BIN)/ruff format sidecar tests bench dashboards helm/llm-sidecar/files
-	$(BIN)/ruff check --fix sidecar tests bench dashboards helm/llm-sidecar/files
+	$(BIN)/ruff format sidecar tests bench dashboards helm/llm-sidecar/files hardening
+	$(BIN)/ruff check --fix sidecar tests bench dashboards helm/llm-sidecar/files hardening
 
 ## The benchmark (not a test, not in CI): wrk if installed, else a Python load generator.
 ## BENCH_ARGS=--quick for about a minute.
 bench: venv
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## Long hardening runs (bounded in time; not in CI). SOAK_SECONDS / FUZZ_SECONDS set the length.
+soak: venv
+	$(BIN)/python -m hardening.soak --duration $${SOAK_SECONDS:-600}
+
+fuzz: venv
+	$(BIN)/python -m hardening.fuzz --duration $${FUZZ_SECONDS:-300}
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
