@@ -222,6 +222,10 @@ async def test_every_call_is_one_log_record_with_the_ledger_fields(
                 async with s.post(base + path, json=body, headers=hdrs) as r:
                     await r.read()
             received = await receiver.wait_for(len(calls))
+            # The exporter counts a batch once the collector's answer is back, a moment after
+            # the receiver has the records: wait for the count rather than race it.
+            while sample(sc, "llm_usage_logs_exported_total") < len(calls):
+                await asyncio.sleep(0.02)
             assert sample(sc, "llm_usage_logs_exported_total") == len(calls)
         rows = await asyncio.to_thread(_ledger_rows, tmp_path)
 
