@@ -48,7 +48,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry.sdk.resources import Resource
@@ -210,6 +210,37 @@ def string_map(r: Reader, node: Node | None, path: str) -> tuple[tuple[str, str]
     return tuple(out)
 
 
+def parse_export_keys(
+    r: Reader, m: Mapping[str, Node], path: str, ctx: _PathContext | None
+) -> dict[str, Any]:
+    """The exporter and batching keys every OTLP section shares (``tracing``, ``usage_logs``).
+
+    Returns keyword arguments for the section dataclass; ``certificate`` is resolved
+    against the config file's directory through ``ctx``.
+    """
+
+    def at(key: str) -> tuple[Node | None, str]:
+        return m.get(key), join(path, key)
+
+    certificate = r.string(*at("certificate"))
+    if certificate is not None and ctx is not None:
+        certificate = str(ctx.path(certificate))
+    headers = string_map(r, *at("headers"))
+    return {
+        "enabled": r.boolean(*at("enabled")),
+        "protocol": r.string(*at("protocol"), choices=PROTOCOLS),
+        "endpoint": r.convert(*at("endpoint"), check_endpoint, what="endpoint"),
+        "headers": tuple((k.lower(), v) for k, v in headers) if headers is not None else None,
+        "timeout": r.duration(*at("timeout"), positive=True),
+        "compression": r.string(*at("compression"), choices=("none", "gzip")),
+        "insecure": r.boolean(*at("insecure")),
+        "certificate": certificate,
+        "queue_size": r.integer(*at("queue_size"), minimum=1),
+        "batch_size": r.integer(*at("batch_size"), minimum=1),
+        "schedule_delay": r.duration(*at("schedule_delay"), positive=True),
+    }
+
+
 def parse_tracing(r: Reader, node: Node, path: str, ctx: _PathContext | None = None) -> TracingSection:
     """Parse the ``tracing`` section; every problem is recorded on ``r`` with its location.
 
@@ -223,37 +254,23 @@ def parse_tracing(r: Reader, node: Node, path: str, ctx: _PathContext | None = N
     def at(key: str) -> tuple[Node | None, str]:
         return m.get(key), join(path, key)
 
-    certificate = r.string(*at("certificate"))
-    if certificate is not None and ctx is not None:
-        certificate = str(ctx.path(certificate))
+    export = parse_export_keys(r, m, path, ctx)
     sampler_arg = r.number(*at("sampler_arg"))
     if sampler_arg is not None and not 0.0 <= sampler_arg <= 1.0:
         r.problem(
             m.get("sampler_arg"), join(path, "sampler_arg"), f"must be between 0 and 1, got {sampler_arg}"
         )
         sampler_arg = None
-    endpoint = r.convert(*at("endpoint"), check_endpoint, what="endpoint")
-    headers = string_map(r, *at("headers"))
     redaction_node = m.get("redaction")
     redaction = None
     if redaction_node is not None:
         redaction = parse_redaction(r, redaction_node, join(path, "redaction"), headers=False)
     return TracingSection(
-        enabled=r.boolean(*at("enabled")),
-        protocol=r.string(*at("protocol"), choices=PROTOCOLS),
-        endpoint=endpoint,
-        headers=tuple((k.lower(), v) for k, v in headers) if headers is not None else None,
-        timeout=r.duration(*at("timeout"), positive=True),
-        compression=r.string(*at("compression"), choices=("none", "gzip")),
-        insecure=r.boolean(*at("insecure")),
-        certificate=certificate,
+        **export,
         service_name=r.string(*at("service_name")),
         resource_attributes=string_map(r, *at("resource_attributes")),
         sampler=r.string(*at("sampler"), choices=SAMPLERS),
         sampler_arg=sampler_arg,
-        queue_size=r.integer(*at("queue_size"), minimum=1),
-        batch_size=r.integer(*at("batch_size"), minimum=1),
-        schedule_delay=r.duration(*at("schedule_delay"), positive=True),
         capture_content=r.boolean(*at("capture_content")),
         capture_max_length=r.integer(*at("capture_max_length"), minimum=1),
         redaction=redaction,

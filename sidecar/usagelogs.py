@@ -65,17 +65,15 @@ from sidecar import __version__
 from sidecar.ledger import Row, to_row
 from sidecar.model import CallRecord
 from sidecar.tracing import (
-    PROTOCOLS,
     SERVICE_NAME,
     build_resource,
-    check_endpoint,
     env_int,
     env_ms,
     grpc_channel,
+    parse_export_keys,
     resolve_otlp_export,
-    string_map,
 )
-from sidecar.yamlspec import Reader, join
+from sidecar.yamlspec import Reader
 
 __all__ = [
     "DROP_REASONS",
@@ -166,27 +164,7 @@ def parse_usage_logs(r: Reader, node: Node, path: str, ctx: _PathContext | None 
     m = r.mapping(node, path, _KEYS)
     if m is None:
         return UsageLogsSection()
-
-    def at(key: str) -> tuple[Node | None, str]:
-        return m.get(key), join(path, key)
-
-    certificate = r.string(*at("certificate"))
-    if certificate is not None and ctx is not None:
-        certificate = str(ctx.path(certificate))
-    headers = string_map(r, *at("headers"))
-    return UsageLogsSection(
-        enabled=r.boolean(*at("enabled")),
-        protocol=r.string(*at("protocol"), choices=PROTOCOLS),
-        endpoint=r.convert(*at("endpoint"), check_endpoint, what="endpoint"),
-        headers=tuple((k.lower(), v) for k, v in headers) if headers is not None else None,
-        timeout=r.duration(*at("timeout"), positive=True),
-        compression=r.string(*at("compression"), choices=("none", "gzip")),
-        insecure=r.boolean(*at("insecure")),
-        certificate=certificate,
-        queue_size=r.integer(*at("queue_size"), minimum=1),
-        batch_size=r.integer(*at("batch_size"), minimum=1),
-        schedule_delay=r.duration(*at("schedule_delay"), positive=True),
-    )
+    return UsageLogsSection(**parse_export_keys(r, m, path, ctx))
 
 
 def resolve_usage_logs(
