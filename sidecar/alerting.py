@@ -53,8 +53,8 @@ from sidecar import yamlspec
 from sidecar.errors import ConfigError, Problem
 from sidecar.incidents import IncidentStore
 from sidecar.model import CallRecord
-from sidecar.notify import Dispatcher, Notifier, validate_channels
-from sidecar.rules.engine import Engine, Sample
+from sidecar.notify import Dispatcher, Message, Notifier, Outgoing, validate_channels
+from sidecar.rules.engine import BudgetBreach, Engine, Sample
 from sidecar.rules.incidents import Incident
 from sidecar.rules.loader import check_channels, expand, load_files
 from sidecar.rules.model import IncidentAgeRule, MttrRule, RuleSet
@@ -428,6 +428,8 @@ class AlertingSink(QueueSink):
         #: Called with the problems of every failed reload (SIGHUP or a watched file change);
         #: may run in a worker thread (the file watcher reloads in one).
         self.on_reload_failure: Callable[[list[Problem]], None] | None = None
+        #: Called on the loop with every firing or resolved alert (the gateway's canary rollback).
+        self.on_transition: Callable[[Transition], None] | None = None
         self.last_problems: list[Problem] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick_task: asyncio.Task[None] | None = None
@@ -495,9 +497,21 @@ class AlertingSink(QueueSink):
                 count += 1
         return count
 
+    def notify_event(self, title: str, body: str, notify_type: str = "warning") -> None:
+        """Send a gateway event (a breaker opening, a canary rolled back) to every channel."""
+        if not self.settings.notify_enabled or self.notifier is None:
+            return
+        channels = self.notifier.channels
+        if channels:
+            self.notifier.submit(Outgoing(channels, Message(title, body, notify_type)))
+
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
         """True when an ``action: reject`` budget of this call's group is spent (a dict lookup)."""
         return self.engine.budget_exceeded(tenant, provider, model, upstream)
+
+    def budget_breach(self, tenant: str, provider: str, model: str, upstream: str) -> BudgetBreach | None:
+        """The spent ``action: reject`` budget of this call's group, with its figures, or None."""
+        return self.engine.budget_breach(tenant, provider, model, upstream, self.clock())
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -629,6 +643,11 @@ class AlertingSink(QueueSink):
         for t in transitions:
             labels = " ".join(f"{k}={v}" for k, v in t.labels)
             log.info("alert %s %s [%s] %s: %s", t.status, t.rule, t.severity, labels, t.value_text)
+            if self.on_transition is not None:
+                try:
+                    self.on_transition(t)
+                except Exception:
+                    log.exception("alerting: the transition hook failed for rule %s", t.rule)
         self._enqueue(evaluation.changed)
         for inc in evaluation.finalized:
             if inc.end is not None:

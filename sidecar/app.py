@@ -34,10 +34,13 @@ from sidecar.alerting import AlertingSettings, AlertingSink
 from sidecar.calllog import CallLogSink, LogSettings
 from sidecar.config import Config
 from sidecar.errors import ConfigError, Problem
+from sidecar.gateway.control import Gateway
 from sidecar.ledger import Ledger, LedgerSettings
 from sidecar.metrics import Metrics, MetricsSink
 from sidecar.pipeline import Pipeline
+from sidecar.providers import Shape
 from sidecar.proxy import Proxy, ProxySettings
+from sidecar.rules.state import Transition
 from sidecar.sinks import Sink
 from sidecar.tokens import Estimator
 from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
@@ -128,6 +131,7 @@ class Sidecar:
         self.alerting: AlertingSink | None = None
         self.pipeline: Pipeline | None = None
         self.proxy: Proxy | None = None
+        self.gateway: Gateway | None = None
         self.session: aiohttp.ClientSession | None = None
         self._proxy_runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -135,6 +139,8 @@ class Sidecar:
         self.admin_port = 0
         self.ready = False
         self.admin_token: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _read_admin_token(config: Config) -> str | None:
@@ -150,6 +156,7 @@ class Sidecar:
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
         """Bind both listeners and start the pipeline."""
+        self._loop = asyncio.get_running_loop()
         self.prices = await asyncio.to_thread(load_prices, self.config)
         self.admin_token = await asyncio.to_thread(self._read_admin_token, self.config)
         if self.alerting_settings is not None and self.alerting_settings.rule_files:
@@ -170,7 +177,8 @@ class Sidecar:
             await self._refill_rule_windows(self.alerting)
         self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
         if self.alerting is not None:
-            self.proxy.budget_exceeded = self.alerting.budget_exceeded
+            self.proxy.budget_breach = self.alerting.budget_breach
+        await self._start_gateway(self.config)
 
         proxy = self.proxy
 
@@ -208,6 +216,9 @@ class Sidecar:
         admin_app.router.add_get("/readyz", self._readyz, expect_handler=expect)
         admin_app.router.add_post("/-/reload", self._reload_endpoint, expect_handler=expect)
         admin_app.router.add_post("/incidents/{id}/ack", self._ack_endpoint, expect_handler=expect)
+        admin_app.router.add_post("/routes/{name}/promote", self._promote_endpoint, expect_handler=expect)
+        admin_app.router.add_post("/routes/{name}/rollback", self._rollback_endpoint, expect_handler=expect)
+        admin_app.router.add_get("/routes", self._routes_endpoint, expect_handler=expect)
         self._admin_runner = web.AppRunner(admin_app, access_log=None, logger=HTTP_LOG)
         await self._admin_runner.setup()
         admin_host, admin_port = self.config.admin.listen
@@ -233,12 +244,44 @@ class Sidecar:
             self._proxy_runner = None
         if self.pipeline is not None:
             await self.pipeline.stop(timeout=max(1.0, self.config.shutdown.drain_timeout))
+        if self.gateway is not None:
+            await self.gateway.stop()
         if self.session is not None:
             await self.session.close()
             self.session = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+
+    async def _start_gateway(self, config: Config) -> None:
+        """Keys, limits, routes, breakers and canaries, when any of their sections is configured."""
+        if self.gateway is not None or self.proxy is None:
+            return
+        gateway = Gateway(config, self.metrics)
+        if not gateway.active:
+            return
+        estimator = self.estimator
+
+        def prompt_tokens(shape: Shape, body: bytes, model: str | None) -> int:
+            return estimator.estimate(model, shape.prompt_text(body), None).input or 0
+
+        gateway.estimator = prompt_tokens
+        await gateway.start(config.data_dir)
+        alerting = self.alerting
+        if alerting is not None:
+            gateway.notify = alerting.notify_event
+
+            def on_transition(t: Transition) -> None:
+                if t.status == "firing" and t.rule in gateway.rollback_rules:
+                    rule = next((r for r in alerting.engine.rules if r.name == t.rule), None)
+                    threshold = getattr(rule, "threshold", None)
+                    gateway.on_alert(
+                        t.rule, t.value, threshold if isinstance(threshold, int | float) else None
+                    )
+
+            alerting.on_transition = on_transition
+        self.gateway = gateway
+        self.proxy.gateway = gateway
 
     async def _refill_rule_windows(self, alerting: AlertingSink) -> None:
         """Refill the rule windows from the ledger, so a restart does not reset budgets and SLOs."""
@@ -294,8 +337,25 @@ class Sidecar:
             self.pipeline.prices = new_prices
         if self.proxy is not None:
             self.proxy.settings = self._proxy_settings(new_config)
+        self._reconfigure_gateway(new_config)
         log.info("config reloaded from %s (price table %s)", source, new_prices.version)
         return True
+
+    def _reconfigure_gateway(self, config: Config) -> None:
+        """Hand the gateway its new config on the event loop (reload runs in a thread)."""
+        loop = self._loop
+        if loop is None:
+            return
+
+        def apply() -> None:
+            if self.gateway is not None:
+                self.gateway.reconfigure(config)
+            else:
+                task = loop.create_task(self._start_gateway(config))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        loop.call_soon_threadsafe(apply)
 
     def _count_reload_failures(self, problems: list[Problem]) -> None:
         for file in {p.file for p in problems} or {"rules"}:
@@ -338,6 +398,38 @@ class Sidecar:
         if not self.alerting.ack(incident, by=by[:128]):
             return web.json_response({"error": f"unknown incident {incident[:64]}"}, status=404)
         return web.json_response({"acknowledged": incident, "by": by[:128]})
+
+    async def _routes_endpoint(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        gateway = self.gateway
+        if gateway is None:
+            return web.json_response({"routes": []})
+        return web.json_response({"routes": gateway.describe_routes()})
+
+    async def _promote_endpoint(self, request: web.Request) -> web.Response:
+        return self._canary_endpoint(request, promote=True)
+
+    async def _rollback_endpoint(self, request: web.Request) -> web.Response:
+        return self._canary_endpoint(request, promote=False)
+
+    def _canary_endpoint(self, request: web.Request, *, promote: bool) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        name = request.match_info["name"][:128]
+        gateway = self.gateway
+        spec = None
+        if gateway is not None:
+            if promote:
+                spec = gateway.promote(name)
+            else:
+                by = (request.query.get("by") or request.headers.get("X-Acked-By") or "admin")[:128]
+                log.warning("canary of route %s rolled back by hand (%s)", name, by)
+                spec = gateway.rollback(name, "manual", None, None, "admin")
+        if spec is None:
+            return web.json_response({"error": f"no route with a canary is called {name}"}, status=404)
+        assert gateway is not None
+        return web.json_response(gateway.describe_route(spec))
 
     async def _reload_endpoint(self, request: web.Request) -> web.Response:
         if not self._authorized(request):

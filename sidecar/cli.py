@@ -11,11 +11,12 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from sidecar import __version__, costreport, pricing
 from sidecar import config as config_mod
 from sidecar.errors import ConfigError
+from sidecar.gateway import commands as key_commands
 from sidecar.rules import commands as rule_commands
 
 log = logging.getLogger("sidecar.cli")
@@ -101,11 +102,25 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when asked for (``auto``: when it is installed), else asyncio's own."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise SystemExit("llm-sidecar run: --loop uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """``llm-sidecar run``: serve until SIGTERM."""
     _setup_logging(args.log_level)
     try:
-        return asyncio.run(_serve(args))
+        with asyncio.Runner(loop_factory=_loop_factory(args.loop)) as runner:
+            return runner.run(_serve(args))
     except ConfigError as exc:
         _print_problems(exc)
         return 2
@@ -164,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="notification channel NAME with an apprise URL (repeatable)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--loop",
+        default="auto",
+        choices=["auto", "uvloop", "asyncio"],
+        help="event loop (default auto: uvloop when installed)",
+    )
+    run.add_argument(
+        "--state",
+        metavar="URL",
+        help="shared state for rate limits across replicas (redis://host:6379/0); overrides state.url",
+    )
     run.set_defaults(func=cmd_run)
 
     cfg = sub.add_parser("config", help="config file tools")
@@ -181,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rule_commands.add_commands(sub)
     costreport.add_commands(sub)
+    key_commands.add_parser(sub)
     return parser
 
 

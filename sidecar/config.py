@@ -102,6 +102,11 @@ from sidecar.yamlspec import Reader, describe, index, join, locate
 if TYPE_CHECKING:  # the sections of the sinks live with their adapters, imported when used
     from sidecar.alerting import NotifyConfig, RulesConfig
     from sidecar.calllog import LogSettings
+    from sidecar.gateway.breaker import BreakerSettings
+    from sidecar.gateway.keys import KeysConfig
+    from sidecar.gateway.ratelimit import RateLimitsConfig
+    from sidecar.gateway.routes import RouteSpec
+    from sidecar.gateway.sharedstate import StateConfig
     from sidecar.ledger import LedgerSettings
     from sidecar.tracing import TracingSection
     from sidecar.usagelogs import UsageLogsSection
@@ -275,6 +280,12 @@ class Config:
     usage_logs: UsageLogsSection | None = None
     rules: RulesConfig | None = None
     notify: NotifyConfig | None = None
+    # Gateway control (issue 6), each off when absent.
+    keys: KeysConfig | None = None
+    rate_limits: RateLimitsConfig | None = None
+    state: StateConfig | None = None
+    routes: tuple[RouteSpec, ...] = ()
+    circuit_breakers: BreakerSettings | None = None
     source: str = ""
 
     def with_overrides(
@@ -626,6 +637,36 @@ def _parse_notify(r: Reader, node: Node, path: str, ctx: ParseContext) -> object
     return parse_notify_section(r, node, path, ctx)
 
 
+def _parse_keys(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.gateway.keys import parse_keys_section
+
+    return parse_keys_section(r, node, path, ctx)
+
+
+def _parse_rate_limits(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.gateway.ratelimit import parse_rate_limits
+
+    return parse_rate_limits(r, node, path, ctx)
+
+
+def _parse_state(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.gateway.sharedstate import parse_state
+
+    return parse_state(r, node, path, ctx)
+
+
+def _parse_routes(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.gateway.routes import parse_routes
+
+    return parse_routes(r, node, path, ctx)
+
+
+def _parse_circuit_breakers(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+    from sidecar.gateway.routes import parse_circuit_breakers
+
+    return parse_circuit_breakers(r, node, path, ctx)
+
+
 #: Top-level sections, in the order they are read; each name is a :class:`Config` field.
 SECTIONS: dict[str, Section] = {
     "listen": Section(_parse_listen),
@@ -643,6 +684,11 @@ SECTIONS: dict[str, Section] = {
     "usage_logs": Section(_parse_usage_logs),
     "rules": Section(_parse_rules),
     "notify": Section(_parse_notify),
+    "keys": Section(_parse_keys),
+    "rate_limits": Section(_parse_rate_limits),
+    "state": Section(_parse_state),
+    "routes": Section(_parse_routes),
+    "circuit_breakers": Section(_parse_circuit_breakers),
 }
 
 
@@ -712,8 +758,21 @@ def _check_bounds(config: Config) -> list[tuple[str, str]]:
     ]
 
 
+def _check_routes(config: Config) -> list[tuple[str, str]]:
+    if not config.routes:
+        return []
+    from sidecar.gateway.routes import check_routes
+
+    return check_routes(config.routes, {u.name: u.provider for u in config.upstreams})
+
+
 #: Model-level checks, each returning ``(field path, message)`` pairs.
-CHECKS: list[Callable[[Config], list[tuple[str, str]]]] = [_check_upstreams, _check_listeners, _check_bounds]
+CHECKS: list[Callable[[Config], list[tuple[str, str]]]] = [
+    _check_upstreams,
+    _check_listeners,
+    _check_bounds,
+    _check_routes,
+]
 
 
 def validate(config: Config) -> list[tuple[str, str]]:

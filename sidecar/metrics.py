@@ -28,7 +28,10 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300
 #: Sidecar overhead buckets: tens of microseconds to a quarter second.
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
-CALL_LABELS = ("tenant", "upstream", "provider", "model")
+#: Labels of every per-call metric. ``route`` is the gateway route that planned the call
+#: ("" when no route did); ``upstream`` is the upstream that finally served it.
+CALL_LABELS = ("tenant", "upstream", "provider", "model", "route")
+Labels = tuple[str, str, str, str, str]
 MAX_LABEL_LENGTH = 128
 MAX_MODELS = 500
 OVERFLOW = "__overflow__"
@@ -42,9 +45,9 @@ class _CostCollector(Collector):
     """``llm_cost_usd_total``: exact Decimal sums, floats only at scrape time."""
 
     def __init__(self) -> None:
-        self.totals: dict[tuple[str, str, str, str], Decimal] = {}
+        self.totals: dict[Labels, Decimal] = {}
 
-    def add(self, labels: tuple[str, str, str, str], cost: Decimal) -> None:
+    def add(self, labels: Labels, cost: Decimal) -> None:
         self.totals[labels] = self.totals.get(labels, Decimal(0)) + cost
 
     def collect(self) -> Iterable[CounterMetricFamily]:
@@ -111,7 +114,7 @@ class Metrics:
         )
         self.throttled = Counter(
             "llm_throttled_requests_total",
-            "Calls the sidecar refused itself (reason: budget)",
+            "Calls the sidecar refused itself (reason: budget, rpm, tpm, concurrency, state_unavailable)",
             ["tenant", "reason"],
             registry=registry,
         )
@@ -133,6 +136,67 @@ class Metrics:
             ["sink"],
             registry=registry,
         )
+        # -- gateway control (issue 6) --
+        self.upstream_attempts = Counter(
+            "llm_upstream_attempts_total",
+            "Upstream attempts, one or more per call (outcome: success, 4xx, 429, 5xx, connect_error, "
+            "timeout, aborted)",
+            ["upstream", "outcome"],
+            registry=registry,
+        )
+        self.fallbacks = Counter(
+            "llm_fallbacks_total",
+            "Calls moved from one upstream to the next (reason: the failure, or circuit_open)",
+            ["from", "to", "reason"],
+            registry=registry,
+        )
+        self.upstream_state = Gauge(
+            "llm_upstream_state",
+            "Circuit breaker state per upstream: 0 closed, 1 half-open, 2 open",
+            ["upstream"],
+            registry=registry,
+        )
+        self.breaker_transitions = Counter(
+            "llm_circuit_breaker_transitions_total",
+            "Circuit breaker state changes per upstream",
+            ["upstream", "state"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "llm_auth_failures_total",
+            "Calls refused with 401/403 (reason: missing, unknown, expired, model_not_allowed)",
+            ["reason"],
+            registry=registry,
+        )
+        self.canary_rollbacks = Counter(
+            "llm_canary_rollbacks_total",
+            "Canary candidates rolled back (by: rule or admin)",
+            ["route", "by"],
+            registry=registry,
+        )
+        self.canary_weight = Gauge(
+            "llm_canary_weight_percent",
+            "Share of a route's calls sent to its canary candidate (0 when rolled back)",
+            ["route"],
+            registry=registry,
+        )
+        self.state_backend_up = Gauge(
+            "llm_state_backend_up",
+            "1 when the shared state backend (Redis) answers, 0 while limits are counted locally",
+            registry=registry,
+        )
+        self.state_backend_errors = Counter(
+            "llm_state_backend_errors_total",
+            "Failed operations on the shared state backend",
+            ["operation"],
+            registry=registry,
+        )
+        self.keys_reloads = Counter(
+            "llm_keys_reloads_total",
+            "Reloads of the keys file and provider secret files (outcome: success, failure)",
+            ["outcome"],
+            registry=registry,
+        )
         self.reload_failures = Counter(
             "llm_config_reload_failures_total",
             "Reloads rejected because a file was invalid",
@@ -149,12 +213,12 @@ class Metrics:
             return model
         return OVERFLOW
 
-    def labels_for(self, record: CallRecord) -> tuple[str, str, str, str]:
-        """The (tenant, upstream, provider, model) label values of a record, capped."""
+    def labels_for(self, record: CallRecord) -> Labels:
+        """The (tenant, upstream, provider, model, route) label values of a record, capped."""
         tenant = self.tenants.label(_clip(record.tenant))
         if tenant == OVERFLOW and record.tenant != OVERFLOW:
             self.tenant_overflow.inc()
-        return tenant, record.upstream, record.provider, self._model_label(record.model)
+        return tenant, record.upstream, record.provider, self._model_label(record.model), record.route
 
     def observe(self, record: CallRecord) -> None:
         """Account one finished call."""
@@ -179,6 +243,12 @@ class Metrics:
             self.throttled.labels(labels[0], record.throttled).inc()
         if record.malformed:
             self.malformed.labels(record.upstream, record.provider).inc()
+        for attempt in record.attempts:
+            self.upstream_attempts.labels(attempt.upstream, attempt.outcome).inc()
+        for event in record.events:
+            if event.name == "fallback":
+                moved = dict(event.attributes)
+                self.fallbacks.labels(moved.get("from", ""), moved.get("to", ""), moved.get("reason", "")).inc()
 
 
 class MetricsSink(QueueSink):

@@ -33,9 +33,38 @@ ERROR_TYPES: tuple[str, ...] = (
     "stream_interrupted",
     "client_abort",
     "proxy_error",
-    # The sidecar's own refusals by policy: never in a rule's default "bad" set.
+    # The sidecar's own refusals by policy: never in a rule's default "bad" set, so a
+    # refusal by policy does not burn the availability SLO.
     "budget_exceeded",
+    "unauthorized",
+    "throttled",
+    "circuit_open",
 )
+
+#: Outcomes of one upstream attempt (``llm_upstream_attempts_total{outcome}``); the
+#: failure ones are also the ``reason`` of ``llm_fallbacks_total``.
+ATTEMPT_OUTCOMES: tuple[str, ...] = ("success", "4xx", "429", "5xx", "connect_error", "timeout", "aborted")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAttempt:
+    """One try of a call at one upstream (a call has several when it falls back)."""
+
+    upstream: str
+    outcome: str  # one of ATTEMPT_OUTCOMES
+    offset_s: float  # when it started, seconds after the call started
+    duration_s: float
+    model: str | None = None  # the model it was sent with, when the route rewrote it
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayEvent:
+    """Something the gateway decided during a call (a breaker transition, a fallback): a span event."""
+
+    name: str
+    offset_s: float  # seconds after the call started
+    attributes: tuple[tuple[str, str], ...] = ()
+
 
 TokenSource = Literal["reported", "estimated"]
 
@@ -132,7 +161,14 @@ class CallRecord:
     finish_reasons: tuple[str, ...] = ()
     service_tier: str | None = None
     malformed: bool = False  # the upstream's JSON or SSE could not be parsed (passed on unchanged)
-    throttled: str | None = None  # why the sidecar refused the call itself ("budget"), if it did
+    throttled: str | None = None  # why the sidecar refused the call itself ("budget", "rpm", ...)
+    # Gateway control (issue 6): the route that planned the call ("" when none did), the
+    # model version that served it ("primary" | "candidate", "" without a canary), every
+    # upstream attempt in order (the last one served the call), and decisions made on the way.
+    route: str = ""
+    variant: str = ""
+    attempts: tuple[UpstreamAttempt, ...] = ()
+    events: tuple[GatewayEvent, ...] = ()
     server_address: str = ""
     server_port: int = 0
     # W3C trace context of the sidecar's span for this call (hex, lower case). The proxy

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -37,11 +38,15 @@ from yarl import URL
 from sidecar import tracecontext
 from sidecar.config import Config, UpstreamConfig
 from sidecar.metrics import Metrics
-from sidecar.model import CallRecord, CapturedContent, Usage
+from sidecar.model import CallRecord, CapturedContent, GatewayEvent, UpstreamAttempt, Usage
 from sidecar.pipeline import EstimateRequest, Pipeline
 from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
 from sidecar.providers.base import UNPARSED_RESPONSE
 from sidecar.tenants import UNKNOWN, clean_tenant
+
+if TYPE_CHECKING:
+    from sidecar.gateway.control import Admission, Gateway, Refusal, Target
+    from sidecar.rules.engine import BudgetBreach
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -138,6 +143,7 @@ class Router:
             reverse=True,
         )
         self.routes = routes
+        self.by_name = {r.name: r for r in routes}
 
     def match(self, path: str) -> tuple[Route, str] | None:
         """The route and the path left after its mount, or None."""
@@ -166,6 +172,21 @@ def unsafe_path(raw_path: str) -> bool:
     if "\x00" in decoded or "\\" in decoded:
         return True
     return any(segment in (".", "..") for segment in decoded.split("/"))
+
+
+def rewrite_model(body: bytes, model: str) -> bytes | None:
+    """``body`` with its JSON ``model`` set to ``model`` (a route's target or canary version).
+
+    None when the body is not a JSON object: it is then sent as it came.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    payload["model"] = model
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def recorded_text(value: str | None) -> str | None:
@@ -267,6 +288,8 @@ def error_body(provider: str, status: int, message: str, code: str) -> bytes:
     if provider == "anthropic":
         kind = {
             400: "invalid_request_error",
+            401: "authentication_error",
+            403: "permission_error",
             404: "not_found_error",
             413: "request_too_large",
             429: "rate_limit_error",
@@ -274,7 +297,9 @@ def error_body(provider: str, status: int, message: str, code: str) -> bytes:
         }.get(status, "api_error")
         body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
     else:
-        kind = "invalid_request_error" if status < 500 else "server_error"
+        kind = {401: "invalid_request_error", 429: "requests"}.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
         body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
     return json.dumps(body).encode()
 
@@ -312,9 +337,12 @@ class _Call:
     """The state of one call while it is forwarded; :meth:`finish` runs once."""
 
     __slots__ = (
+        "admission",
+        "attempts",
         "body",
         "client_wait",
         "error_type",
+        "events",
         "finished",
         "ids",
         "info",
@@ -324,6 +352,7 @@ class _Call:
         "request_id",
         "request_model",
         "route",
+        "route_name",
         "shape",
         "started",
         "started_wall",
@@ -334,6 +363,7 @@ class _Call:
         "ttft",
         "upstream_called",
         "upstream_wait",
+        "variant",
     )
 
     def __init__(self, request: web.Request, started: float) -> None:
@@ -359,6 +389,15 @@ class _Call:
         self.client_wait = 0.0
         self.upstream_called = False
         self.finished = False
+        self.route_name = ""
+        self.variant = ""
+        self.attempts: list[UpstreamAttempt] = []
+        self.events: list[GatewayEvent] = []
+        self.admission: Admission | None = None
+
+    def event(self, name: str, **attributes: str) -> None:
+        """Note a gateway decision on this call (it becomes a span event)."""
+        self.events.append(GatewayEvent(name, perf_counter() - self.started, tuple(attributes.items())))
 
 
 class Proxy:
@@ -376,9 +415,11 @@ class Proxy:
         self.pipeline = pipeline
         self.metrics = metrics
         self.draining = False
-        #: ``(tenant, provider, model, upstream) -> bool``: a budget rule with ``action: reject``
-        #: is spent for this group (an O(1) lookup into the rule engine's state).
-        self.budget_exceeded: Callable[[str, str, str, str], bool] | None = None
+        #: ``(tenant, provider, model, upstream) -> BudgetBreach | None``: a budget rule with
+        #: ``action: reject`` is spent for this group (lookups into the rule engine's state).
+        self.budget_breach: Callable[[str, str, str, str], BudgetBreach | None] | None = None
+        #: Gateway control (keys, limits, routes, breakers, canaries); None: pure pass-through.
+        self.gateway: Gateway | None = None
         #: Longest wait for the next piece of a request body (seconds).
         self.body_read_timeout = BODY_READ_TIMEOUT
 
@@ -414,7 +455,20 @@ class Proxy:
 
         header_value = request.headers.get(settings.tenant_header)
         call.tenant = clean_tenant(header_value, settings.tenant_max_length)
-        if settings.tenant_required and header_value is None:
+        gateway = self.gateway
+        if gateway is not None and gateway.keys_enabled:
+            # With virtual keys the tenant is the key's: a client-supplied header is ignored
+            # unless the key is a trusted caller's.
+            admission = gateway.authenticate(
+                request.headers, call.tenant if header_value is not None else None
+            )
+            if admission.refusal is not None:
+                status, reason, message = admission.refusal
+                self.metrics.auth_failures.labels(reason).inc()
+                return self._reject(call, status, message, "invalid_api_key", "unauthorized")
+            call.admission = admission
+            call.tenant = admission.tenant
+        elif settings.tenant_required and header_value is None:
             return self._reject(
                 call, 400, f"missing tenant header {settings.tenant_header}", "missing_tenant"
             )
@@ -431,39 +485,106 @@ class Proxy:
             return self._reject(call, 413, "request body too large", "request_too_large")
         call.body = body
 
-        strip_usage = False
+        wants_usage = True
         if call.shape is not None:
             info = call.shape.parse_request(body)
             call.request_model = recorded_text(info.model)
             call.stream = info.stream
-            if info.stream and not info.wants_usage and route.config.inject_stream_usage:
-                injected = call.shape.inject_stream_usage(body)
-                if injected is not None:
-                    body = injected
-                    strip_usage = True
+            wants_usage = info.wants_usage
 
-        budget = self.budget_exceeded
-        if budget is not None and budget(
-            call.tenant, call.provider, call.request_model or "unknown", route.name
-        ):
-            call.throttled = "budget"
+        if call.admission is not None and not call.admission.allows_model(call.request_model):
+            self.metrics.auth_failures.labels("model_not_allowed").inc()
             return self._reject(
                 call,
-                429,
-                "the spend budget for this tenant is exhausted",
-                "budget_exceeded",
-                "budget_exceeded",
+                403,
+                f"this key may not use model {call.request_model or '(none)'}",
+                "model_not_allowed",
+                "unauthorized",
             )
 
-        headers = self._upstream_headers(request, route, call, settings)
-        query = request.rel_url.raw_query_string
-        url = URL(route.base + sub_path + ("?" + query if query else ""), encoded=True)
+        budget = self.budget_breach
+        if budget is not None:
+            breach = budget(call.tenant, call.provider, call.request_model or "unknown", route.name)
+            if breach is not None:
+                return self._refuse_budget(call, breach)
 
-        self.metrics.inflight.labels(route.name).inc()
+        targets: list[Target] | None = None
+        if gateway is not None:
+            planned = gateway.plan(call.request_model, sub_path, route.name, call.tenant, call.shape)
+            if planned is not None:
+                call.route_name = planned.route
+                targets = planned.targets
+                if not targets:
+                    return self._reject(
+                        call,
+                        503,
+                        f"every upstream of route {planned.route} is unavailable (circuit open)",
+                        "circuit_open",
+                        "circuit_open",
+                    )
+            refusal = await gateway.admit(call, body)
+            if refusal is not None:
+                return self._throttle(call, refusal)
+
+        headers = self._upstream_headers(request, call, settings)
+        query = request.rel_url.raw_query_string
+        suffix = sub_path + ("?" + query if query else "")
         try:
-            return await self._exchange(call, route, url, headers, body, strip_usage)
+            if targets is None:
+                response = await self._exchange(call, route, None, suffix, headers, body, wants_usage, True)
+                assert response is not None  # the last attempt always answers
+                return response
+            return await self._fallback(call, targets, suffix, headers, body, wants_usage)
         finally:
-            self.metrics.inflight.labels(route.name).dec()
+            if gateway is not None and call.admission is not None:
+                gateway.release(call.admission)
+
+    async def _fallback(
+        self,
+        call: _Call,
+        targets: list[Target],
+        suffix: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        wants_usage: bool,
+    ) -> web.StreamResponse:
+        """Try the planned targets in order until one answers (see :meth:`_exchange`'s ``last``)."""
+        gateway = self.gateway
+        assert gateway is not None
+        deadline = call.started + targets[0].deadline
+        for i, target in enumerate(targets):
+            last = i == len(targets) - 1 or perf_counter() >= deadline
+            if not gateway.allow(target.upstream):
+                # Its breaker is open (it opened while earlier targets were tried, or its one
+                # half-open probe is out): skip it as the planner would have.
+                if not last:
+                    call.event(
+                        "fallback",
+                        **{"from": target.upstream, "to": targets[i + 1].upstream, "reason": "circuit_open"},
+                    )
+                    continue
+                refusal = self._reject(
+                    call,
+                    503,
+                    f"upstream {target.upstream} is unavailable (circuit open)",
+                    "circuit_open",
+                    "circuit_open",
+                )
+                refusal.headers["retry-after"] = str(max(1, math.ceil(gateway.retry_after(target.upstream))))
+                return refusal
+            route = self.settings.router.by_name[target.upstream]
+            call.route = route
+            call.variant = target.variant
+            call.provider = call.shape.provider if call.shape else (route.config.provider or call.provider)
+            response = await self._exchange(call, route, target, suffix, headers, body, wants_usage, last)
+            if response is not None:
+                return response
+            failed = call.attempts[-1]
+            call.event(
+                "fallback",
+                **{"from": failed.upstream, "to": targets[i + 1].upstream, "reason": failed.outcome},
+            )
+        raise AssertionError("unreachable: the last target always answers")  # pragma: no cover
 
     async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
         """The request body, None past ``limit``; TimeoutError when the client stalls between pieces."""
@@ -478,11 +599,14 @@ class Proxy:
                 return None
 
     def _upstream_headers(
-        self, request: web.Request, route: Route, call: _Call, settings: ProxySettings
+        self, request: web.Request, call: _Call, settings: ProxySettings
     ) -> CIMultiDict[str]:
+        """The client's headers as the upstream should see them (before the upstream's own key)."""
         connection_tokens = {
             token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token
         }
+        # A virtual key is the sidecar's, never the provider's: it does not leave the sidecar.
+        strip_keys = call.admission is not None and call.admission.entry is not None
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in request.headers.items():
             lower = name.lower()
@@ -492,10 +616,9 @@ class Proxy:
                 # Met already: the whole body is here. Passed on, aiohttp would hold the body
                 # back until the upstream says 100, and an upstream that never does hangs the call.
                 continue
+            if strip_keys and lower in ("authorization", "x-api-key"):
+                continue
             headers.add(name, value)
-        key = route.api_key_header()
-        if key is not None:
-            headers[key[0]] = key[1]
         if settings.tracing:
             ids = tracecontext.start(
                 request.headers.get("traceparent"), request.headers.get("tracestate"), settings.sample_ratio
@@ -509,65 +632,125 @@ class Proxy:
         self,
         call: _Call,
         route: Route,
-        url: URL,
+        target: Target | None,
+        suffix: str,
         headers: CIMultiDict[str],
         body: bytes,
-        strip_usage: bool,
-    ) -> web.StreamResponse:
+        wants_usage: bool,
+        last: bool,
+    ) -> web.StreamResponse | None:
+        """One attempt at ``route``. None when it failed in a way worth trying the next target
+        (only when not ``last``, and only before anything was sent to the client)."""
         request = call.request
         provider = call.provider or "openai"
+        gateway = self.gateway
+        if target is not None and target.model is not None and call.shape is not None:
+            rewritten = rewrite_model(body, target.model)
+            if rewritten is not None:
+                body = rewritten
+                call.request_model = recorded_text(target.model)
+        strip_usage = False
+        if call.stream and not wants_usage and route.config.inject_stream_usage and call.shape is not None:
+            injected = call.shape.inject_stream_usage(body)
+            if injected is not None:
+                body = injected
+                strip_usage = True
+        key = route.api_key_header() if gateway is None else gateway.provider_key(route.config)
+        if key is not None:
+            headers = headers.copy()
+            headers[key[0]] = key[1]
+        url = URL(route.base + suffix, encoded=True)
         call.upstream_called = True
+        self.metrics.inflight.labels(route.name).inc()
         t0 = perf_counter()
-        try:
-            upstream = await self.session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body if body else None,
-                allow_redirects=False,
-                timeout=route.timeout,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
-                ssl=route.ssl,
+        model = target.model if target is not None else None
+        recorded = False
+
+        def attempted(outcome: str) -> None:
+            # Recorded when the outcome is known (the answer's headers, or the failure), so the
+            # call's record, built when it finishes, holds every attempt.
+            nonlocal recorded
+            recorded = True
+            call.attempts.append(
+                UpstreamAttempt(route.name, outcome, t0 - call.started, perf_counter() - t0, model)
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            call.upstream_wait += perf_counter() - t0
-            return self._reject(call, 504, f"upstream {route.name} timed out", "upstream_timeout", "timeout")
-        except aiohttp.ClientError as exc:
-            call.upstream_wait += perf_counter() - t0
-            log.warning("upstream %s unreachable: %s", route.name, type(exc).__name__)
-            return self._reject(
-                call,
-                502,
-                f"upstream {route.name} unreachable",
-                "upstream_unreachable",
-                "connect_error",
-                provider,
-            )
-        call.upstream_wait += perf_counter() - t0
-        if upstream.status < 200:
-            # Only a 101 gets here (aiohttp's client takes 100 and 103 itself). The sidecar never
-            # asks for an upgrade (Upgrade is hop-by-hop), so relaying it would tell the client
-            # that its connection switched protocols when it did not.
-            upstream.close()
-            log.warning("upstream %s answered %d to a plain request", route.name, upstream.status)
-            return self._reject(
-                call,
-                502,
-                f"upstream {route.name} sent an invalid response",
-                "upstream_invalid_response",
-                "connect_error",
-                provider,
-            )
+            if gateway is not None:
+                gateway.record_attempt(call, route.name, outcome)
+
+        def retry(outcome: str) -> bool:
+            return not last and target is not None and target.retry_on(outcome)
 
         try:
-            return await self._relay(call, upstream, strip_usage)
-        except _ClientGone as gone:
-            # The client went away: stop reading the upstream (closing cancels its work).
-            upstream.close()
-            self._finish(call, ABORT_STATUS, "client_abort")
-            return gone.response
+            try:
+                upstream = await self.session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body if body else None,
+                    allow_redirects=False,
+                    timeout=route.timeout,
+                    skip_auto_headers=SKIP_AUTO_HEADERS,
+                    ssl=route.ssl,
+                )
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                call.upstream_wait += perf_counter() - t0
+                attempted("timeout")
+                if retry("timeout"):
+                    return None
+                return self._reject(
+                    call, 504, f"upstream {route.name} timed out", "upstream_timeout", "timeout"
+                )
+            except aiohttp.ClientError as exc:
+                call.upstream_wait += perf_counter() - t0
+                attempted("connect_error")
+                log.warning("upstream %s unreachable: %s", route.name, type(exc).__name__)
+                if retry("connect_error"):
+                    return None
+                return self._reject(
+                    call,
+                    502,
+                    f"upstream {route.name} unreachable",
+                    "upstream_unreachable",
+                    "connect_error",
+                    provider,
+                )
+            call.upstream_wait += perf_counter() - t0
+            if upstream.status < 200:
+                # Only a 101 gets here (aiohttp's client takes 100 and 103 itself). The sidecar never
+                # asks for an upgrade (Upgrade is hop-by-hop), so relaying it would tell the client
+                # that its connection switched protocols when it did not.
+                upstream.close()
+                attempted("5xx")
+                log.warning("upstream %s answered %d to a plain request", route.name, upstream.status)
+                return self._reject(
+                    call,
+                    502,
+                    f"upstream {route.name} sent an invalid response",
+                    "upstream_invalid_response",
+                    "connect_error",
+                    provider,
+                )
+            status = upstream.status
+            outcome = (
+                "success" if status < 400 else "429" if status == 429 else "5xx" if status >= 500 else "4xx"
+            )
+            attempted(outcome)
+            if outcome in ("5xx", "429") and retry(outcome):
+                upstream.close()  # nothing of it was sent: the next target answers instead
+                return None
+            try:
+                return await self._relay(call, upstream, strip_usage)
+            except _ClientGone as gone:
+                # The client went away: stop reading the upstream (closing cancels its work).
+                upstream.close()
+                self._finish(call, ABORT_STATUS, "client_abort")
+                return gone.response
+            finally:
+                upstream.release()
         finally:
-            upstream.release()
+            self.metrics.inflight.labels(route.name).dec()
+            if not recorded:
+                attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)
 
     async def _relay(
         self, call: _Call, upstream: aiohttp.ClientResponse, strip_usage: bool
@@ -709,6 +892,38 @@ class Proxy:
         self._finish(call, status, error_type)
         return web.Response(status=status, body=body, content_type="application/json")
 
+    def _refuse_budget(self, call: _Call, breach: BudgetBreach) -> web.Response:
+        """429 for a spent ``action: reject`` budget, in the shape the official SDKs do not retry."""
+        call.throttled = "budget"
+        provider = call.provider or "openai"
+        message = breach.message()
+        if provider == "anthropic":
+            body = error_body("anthropic", 429, message, "budget_exceeded")
+        else:
+            payload = {
+                "error": {
+                    "message": message,
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            }
+            body = json.dumps(payload).encode()
+        self._finish(call, 429, "budget_exceeded")
+        response = web.Response(status=429, body=body, content_type="application/json")
+        response.headers["x-should-retry"] = "false"
+        return response
+
+    def _throttle(self, call: _Call, refusal: Refusal) -> web.Response:
+        """The gateway's refusal (a rate limit, or the shared state being down with fail_closed)."""
+        call.throttled = refusal.reason
+        body = error_body(call.provider or "openai", refusal.status, refusal.message, refusal.code)
+        self._finish(call, refusal.status, "throttled")
+        response = web.Response(status=refusal.status, body=body, content_type="application/json")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        return response
+
     def _finish(self, call: _Call, status: int, error_type: str | None) -> None:
         if call.finished:
             return
@@ -746,6 +961,10 @@ class Proxy:
             service_tier=recorded_text(info.service_tier) if info is not None else None,
             malformed=info.malformed if info is not None else False,
             throttled=call.throttled,
+            route=call.route_name,
+            variant=call.variant,
+            attempts=tuple(call.attempts),
+            events=tuple(call.events),
             server_address=route.host if route else "",
             server_port=route.port if route else 0,
             trace_id=ids.trace_id if ids else None,
@@ -755,6 +974,8 @@ class Proxy:
             tracestate=ids.tracestate if ids else None,
             content=self._captured(call, info),
         )
+        if call.admission is not None and self.gateway is not None:
+            self.gateway.settle(call.admission, usage)
         self.pipeline.submit(record, self._estimate_request(call, status, error_type, usage, info))
 
     def _captured(self, call: _Call, info: ResponseInfo | None) -> CapturedContent | None:

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
@@ -671,7 +671,25 @@ def span_attributes(record: CallRecord) -> dict[str, AttributeValue]:
     if record.ttft_s is not None:
         attrs["sidecar.time_to_first_token_s"] = record.ttft_s
     attrs["sidecar.overhead_s"] = record.overhead_s
+    if record.route:
+        attrs["sidecar.route"] = record.route
+    if record.variant:
+        attrs["sidecar.variant"] = record.variant
+    if len(record.attempts) > 1:
+        attrs["sidecar.attempts"] = len(record.attempts)
+        attrs["sidecar.attempted_upstreams"] = [a.upstream for a in record.attempts]
+    if record.throttled:
+        attrs["sidecar.throttled"] = record.throttled
     return attrs
+
+
+def span_events(record: CallRecord) -> list[Event]:
+    """The gateway's decisions during the call (fallbacks, breaker transitions) as span events."""
+    start = record.started_at
+    return [
+        Event(f"sidecar.{e.name}", dict(e.attributes), timestamp=_ns(start + e.offset_s))
+        for e in record.events
+    ]
 
 
 class ResourceSettings(Protocol):
@@ -734,6 +752,7 @@ def to_span(
         parent=parent,
         resource=resource,
         attributes=span_attributes(record),
+        events=span_events(record) if record.events else (),
         kind=SpanKind.CLIENT,
         status=status,
         start_time=start_ns,

@@ -60,7 +60,7 @@ from sidecar.rules.model import (
 from sidecar.rules.state import AlertTable, Event, LabelSet, Transition
 from sidecar.rules.windows import HistogramRing, Ring, calendar_period
 
-__all__ = ["DEFAULT_MAX_SERIES", "Engine", "Result", "Sample", "describe_duration"]
+__all__ = ["DEFAULT_MAX_SERIES", "BudgetBreach", "Engine", "Result", "Sample", "describe_duration"]
 
 DEFAULT_MAX_SERIES = 10_000
 S = TypeVar("S")
@@ -338,6 +338,32 @@ class _ErrorRateEvaluator(_SeriesEvaluator[Ring]):
         return series.empty(now)
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetBreach:
+    """A spent ``action: reject`` budget: what the refusal tells the client."""
+
+    rule: str
+    signal: str  # "cost_usd" | "tokens"
+    token_type: str | None
+    spent: float
+    limit: float
+    resets_at: float | None  # the end of the calendar period; None for a rolling one
+
+    def message(self) -> str:
+        """``budget "x" is exhausted: $12.34 of $10.00 spent; it resets at 2026-12-07T00:00:00Z``."""
+        if self.signal == "cost_usd":
+            amounts = f"${self.spent:,.2f} of ${self.limit:,.2f} spent"
+        else:
+            what = f"{self.token_type or 'input+output'} tokens"
+            amounts = f"{self.spent:,.0f} of {self.limit:,.0f} {what} used"
+        if self.resets_at is not None:
+            when = datetime.fromtimestamp(self.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            reset = f"it resets at {when}"
+        else:
+            reset = "it is a rolling period: calls pass again as older spend leaves it"
+        return f'budget "{self.rule}" is exhausted: {amounts}; {reset}'
+
+
 @dataclass(slots=True)
 class _Spend:
     start: float = 0.0  # calendar: the period start this sum belongs to
@@ -607,13 +633,31 @@ class Engine:
 
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
         """True when a ``budget`` rule with ``action: reject`` has spent the budget of this call's group."""
+        return self.budget_breach(tenant, provider, model, upstream, None) is not None
+
+    def budget_breach(
+        self, tenant: str, provider: str, model: str, upstream: str, now: float | None
+    ) -> BudgetBreach | None:
+        """The spent ``action: reject`` budget of this call's group, if any (dict lookups only).
+
+        ``now`` (None: skip the figures) fills in what was spent and when the period resets,
+        for the refusal's message.
+        """
         if not self._rejects:
-            return False
+            return None
         labels = {"tenant": tenant, "upstream": upstream, "provider": provider, "model": model}
         for ev in self._rejects:
-            if ev.exceeded and ev.rule.matches(labels) and ev.group(labels) in ev.exceeded:
-                return True
-        return False
+            if not ev.exceeded or not ev.rule.matches(labels):
+                continue
+            key = ev.group(labels)
+            if key not in ev.exceeded:
+                continue
+            rule = ev.rule
+            spend = ev.series.get(key)
+            spent = ev.spent(spend, now) if spend is not None and now is not None else 0.0
+            resets = spend.end if spend is not None and rule.calendar else None
+            return BudgetBreach(rule.name, rule.signal, rule.token_type, spent, rule.limit_for(key), resets)
+        return None
 
     # -- evaluation ---------------------------------------------------------------
 
