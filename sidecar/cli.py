@@ -39,13 +39,31 @@ def _load_config(args: argparse.Namespace) -> config_mod.Config:
         cfg = config_mod.default_config()
     else:
         raise SystemExit("llm-sidecar run: give --upstream URL or --config FILE")
-    return cfg.with_overrides(
+    cfg = cfg.with_overrides(
         listen=args.listen,
         admin_listen=args.admin_listen,
         upstream_url=args.upstream,
         pricing_file=args.pricing,
         data_dir=args.data_dir,
     )
+    if getattr(args, "state", None):
+        cfg = _with_state(cfg, args.state)
+    return cfg
+
+
+def _with_state(cfg: config_mod.Config, url: str) -> config_mod.Config:
+    """``--state URL``: the shared state's URL, over the config's ``state.url`` (other keys kept)."""
+    import dataclasses
+
+    from sidecar.errors import Problem
+    from sidecar.gateway.sharedstate import StateConfig, check_url
+
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise ConfigError([Problem("<flags>", 0, 0, "--state", str(exc))]) from None
+    state = dataclasses.replace(cfg.state, url=url) if cfg.state is not None else StateConfig(url=url)
+    return dataclasses.replace(cfg, state=state)
 
 
 def _print_problems(exc: ConfigError) -> None:

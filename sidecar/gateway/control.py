@@ -215,9 +215,13 @@ class Gateway:
         if self.config.state is not None and self.config.state.url:
             from sidecar.gateway.sharedstate import SharedLimiter
 
-            self.shared = SharedLimiter(
+            # A concurrency slot's lease outlives the longest call, so a replica that dies
+            # holding slots frees them after at most this long.
+            lease = max([600.0, *(u.timeouts.total for u in self.config.upstreams)]) + 60.0
+            self.shared = SharedLimiter.from_config(
                 self.config.state,
                 self.local,
+                lease=lease,
                 on_state=lambda up: self.metrics.state_backend_up.set(1 if up else 0),
                 on_error=lambda op: self.metrics.state_backend_errors.labels(op).inc(),
             )
@@ -239,7 +243,7 @@ class Gateway:
         if self.keys_watcher is not None:
             await self.keys_watcher.stop()
         if self.shared is not None:
-            await self.shared.stop()
+            await self.shared.aclose()
 
     def _count_reload(self, outcome: str) -> None:
         self.metrics.keys_reloads.labels(outcome).inc()
@@ -324,11 +328,12 @@ class Gateway:
             return Refusal(
                 503, reason, "rate-limit state is unavailable", "state_unavailable", tuple(headers)
             )
-        if decision.retry_after is None:
+        if decision.never_passes:
             message = f"this request needs more tokens than the {reason} limit of {where} allows at all"
         else:
-            message = f"rate limit reached for {where}: {reason}; retry after {decision.retry_after:.1f}s"
-            headers.append(("retry-after", ratelimit.retry_after_header(decision.retry_after)))
+            wait = decision.retry_after or 1.0
+            message = f"rate limit reached for {where}: {reason}; retry after {wait:.1f}s"
+            headers.append(("retry-after", ratelimit.retry_after_header(wait)))
         code = "rate_limit_exceeded"
         return Refusal(429, reason, message, code, tuple(headers))
 
@@ -354,9 +359,9 @@ class Gateway:
         actual = (usage.input or 0) + (usage.output or 0)
         limiter = admission.limiter
         if limiter is self.local:
-            self.local.correct(admission.grant, actual, self.clock())
+            self.local.correct(admission.grant, actual, time.monotonic())
         elif limiter is not None:
-            task = asyncio.ensure_future(limiter.correct(admission.grant, actual, self.clock()))
+            task = asyncio.ensure_future(limiter.correct(admission.grant, actual, time.monotonic()))
             task.add_done_callback(_log_failure)
 
     # -- routes and breakers ----------------------------------------------------------------
