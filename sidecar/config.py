@@ -66,6 +66,15 @@ Keys, with their defaults (durations are Prometheus strings such as ``30s``,
     data_dir = sidecar-data                directory for the ledger and other state
     sinks.queue_size = 10000               bound of each sink's queue (records past it are dropped)
 
+Gateway control, each off when absent (their parsers live with their modules in
+:mod:`sidecar.gateway`; README "Gateway control" has every key)::
+
+    keys                                   virtual keys: {file, entries, rotation_overlap, reload_interval}
+    rate_limits                            {default_max_tokens, tenant, tenants, models} of {rpm, tpm, concurrency}
+    state                                  shared counters: {url, on_error, prefix, timeout, retry_interval}
+    circuit_breakers                       {consecutive_failures, error_ratio, window, min_calls, cooldown}
+    routes                                 [{name, match, targets, retry, canary, breaker}]
+
 Relative paths written in the file (``pricing.file``, ``admin.token_file``,
 ``api_key.from_file``, ``tls.ca_file``, ``data_dir``) resolve against the config
 file's directory; the defaults and command-line flags stay relative to the working
