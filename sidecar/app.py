@@ -280,6 +280,7 @@ class Sidecar:
                     )
 
             alerting.on_transition = on_transition
+            alerting.engine.attempt_rules = frozenset(gateway.rollback_rules)
         self.gateway = gateway
         self.proxy.gateway = gateway
 
@@ -350,6 +351,8 @@ class Sidecar:
         def apply() -> None:
             if self.gateway is not None:
                 self.gateway.reconfigure(config)
+                if self.alerting is not None:
+                    self.alerting.engine.attempt_rules = frozenset(self.gateway.rollback_rules)
             else:
                 task = loop.create_task(self._start_gateway(config))
                 self._background.add(task)

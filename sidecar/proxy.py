@@ -340,6 +340,7 @@ class _Call:
         "admission",
         "attempts",
         "body",
+        "client_model",
         "client_wait",
         "error_type",
         "events",
@@ -377,6 +378,7 @@ class _Call:
         self.tenant = UNKNOWN
         self.body: bytes | None = None
         self.request_model: str | None = None
+        self.client_model: str | None = None  # the model the client asked for (before any rewrite)
         self.stream = False
         self.status = 0
         self.error_type: str | None = None
@@ -463,6 +465,9 @@ class Proxy:
                 request.headers, call.tenant if header_value is not None else None
             )
             if admission.refusal is not None:
+                # Never the tenant it claims: an unauthenticated caller must not be able to
+                # charge refusals to a tenant, nor create tenant labels.
+                call.tenant = UNKNOWN
                 status, reason, message = admission.refusal
                 self.metrics.auth_failures.labels(reason).inc()
                 return self._reject(call, status, message, "invalid_api_key", "unauthorized")
@@ -488,7 +493,7 @@ class Proxy:
         wants_usage = True
         if call.shape is not None:
             info = call.shape.parse_request(body)
-            call.request_model = recorded_text(info.model)
+            call.request_model = call.client_model = recorded_text(info.model)
             call.stream = info.stream
             wants_usage = info.wants_usage
 
@@ -644,6 +649,7 @@ class Proxy:
         request = call.request
         provider = call.provider or "openai"
         gateway = self.gateway
+        call.request_model = call.client_model
         if target is not None and target.model is not None and call.shape is not None:
             rewritten = rewrite_model(body, target.model)
             if rewritten is not None:

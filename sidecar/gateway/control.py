@@ -435,6 +435,10 @@ class Gateway:
             return
         if outcome == "429":
             return
+        if outcome == "5xx" and call.variant == "candidate":
+            # A candidate's errors are its model version's, not the upstream's (the primary
+            # version on the same upstream may be fine): the canary's rollback rules judge them.
+            return
         transition = breaker.record(outcome not in BREAKER_FAILURES, now)
         if transition is not None:
             self._transitioned(upstream, transition, call)

@@ -43,7 +43,7 @@ from typing import Generic, TypeVar
 from zoneinfo import ZoneInfo
 
 from sidecar.durations import format_duration
-from sidecar.model import CallRecord
+from sidecar.model import CallRecord, Usage
 from sidecar.rules import templates
 from sidecar.rules.incidents import Incident, IncidentBook
 from sidecar.rules.model import (
@@ -63,6 +63,14 @@ from sidecar.rules.windows import HistogramRing, Ring, calendar_period
 __all__ = ["DEFAULT_MAX_SERIES", "BudgetBreach", "Engine", "Result", "Sample", "describe_duration"]
 
 DEFAULT_MAX_SERIES = 10_000
+#: A failed upstream attempt's outcome → the error type a rule sees for it.
+_ATTEMPT_ERRORS = {
+    "5xx": "upstream_5xx",
+    "timeout": "timeout",
+    "connect_error": "connect_error",
+    "429": "rate_limited",
+}
+_ATTEMPT_STATUS = {"5xx": 502, "timeout": 504, "connect_error": 502, "429": 429}
 S = TypeVar("S")
 _INCIDENT_KINDS = ("mttr", "incident_age")
 
@@ -553,6 +561,8 @@ class Engine:
     book: IncidentBook = field(init=False)
     _evaluators: list[_Evaluator] = field(init=False, default_factory=list)
     _rejects: list[_BudgetEvaluator] = field(init=False, default_factory=list)
+    #: Rules that also see each failed attempt of a rewritten model (canary ``rollback_on``).
+    attempt_rules: frozenset[str] = field(init=False, default=frozenset())
 
     def __post_init__(self) -> None:
         self.book = IncidentBook(self.merge_gap)
@@ -630,6 +640,45 @@ class Engine:
         for ev in self._evaluators:
             if ev.rule.kind not in _INCIDENT_KINDS and ev.rule.matches(labels):
                 ev.observe(labels, record, t)
+        if self.attempt_rules and len(record.attempts) > 1:
+            self._observe_failed_attempts(record, t)
+
+    def _observe_failed_attempts(self, record: CallRecord, t: float) -> None:
+        """File the failed attempts of a rewritten model (a canary candidate) with the rules
+        in :attr:`attempt_rules`.
+
+        A candidate that fails falls back to the primary version, so the client's call, and
+        its record, succeed: without this, the rules that judge the candidate would never see
+        its failures. Only those rules get them; every other rule sees one observation per call.
+        """
+        for attempt in record.attempts[:-1]:
+            error_type = _ATTEMPT_ERRORS.get(attempt.outcome)
+            if attempt.model is None or error_type is None:
+                continue
+            failed = replace(
+                record,
+                upstream=attempt.upstream,
+                request_model=attempt.model,
+                response_model=None,
+                status=_ATTEMPT_STATUS.get(attempt.outcome, 502),
+                error_type=error_type,
+                duration_s=attempt.duration_s,
+                ttft_s=None,
+                usage=Usage(),
+                estimated=Usage(),
+                cost_usd=None,
+                attempts=(),
+                events=(),
+            )
+            labels = {
+                "tenant": failed.tenant,
+                "upstream": failed.upstream,
+                "provider": failed.provider,
+                "model": failed.model,
+            }
+            for ev in self._evaluators:
+                if ev.rule.name in self.attempt_rules and ev.rule.matches(labels):
+                    ev.observe(labels, failed, t)
 
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
         """True when a ``budget`` rule with ``action: reject`` has spent the budget of this call's group."""
