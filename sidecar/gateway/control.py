@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.gateway")
 
 CANARY_STATE_FILE = "canary-state.json"
+_NO_LIMITS = ratelimit.RateLimitsConfig()
 #: Outcomes that count against an upstream's breaker. A 429 is the provider's quota
 #: signal with its own Retry-After, and a 4xx is the client's doing: neither opens it.
 BREAKER_FAILURES = frozenset({"5xx", "connect_error", "timeout"})
@@ -275,9 +276,8 @@ class Gateway:
     # -- rate limits ------------------------------------------------------------------------
     async def admit(self, call: _Call, body: bytes) -> Refusal | None:
         """Charge the call's rate limits up front; a Refusal when one of them is spent."""
-        limits = self.config.rate_limits
-        if limits is None:
-            return None
+        # Key limits (the keys file's limits:) hold without a rate_limits section too.
+        limits = self.config.rate_limits or _NO_LIMITS
         entry = call.admission.entry if call.admission is not None else None
         scopes = ratelimit.scopes_for(
             limits,
@@ -291,12 +291,14 @@ class Gateway:
         tokens = 0
         if any(s.limits.tpm is not None for s in scopes):
             tokens = await self._token_estimate(call, body, limits.default_max_tokens)
-        limiter: Any = self.shared if self.shared is not None else self.local
-        decision = (
-            await limiter.try_acquire(scopes, tokens, self.clock())
-            if self.shared
-            else limiter.try_acquire(scopes, tokens, self.clock())
-        )
+        # Buckets run on the monotonic clock (the wall clock may step); Redis uses its own TIME.
+        limiter: Any
+        if self.shared is not None:
+            limiter = self.shared
+            decision = await self.shared.try_acquire(scopes, tokens, time.monotonic())
+        else:
+            limiter = self.local
+            decision = self.local.try_acquire(scopes, tokens, time.monotonic())
         if not decision.allowed:
             return self._refusal(call, decision)
         if call.admission is None:
@@ -325,6 +327,8 @@ class Gateway:
             else:
                 headers.extend(ratelimit.openai_headers(decision.snapshot))
         if reason == "state_unavailable":
+            wait = decision.retry_after or 1.0
+            headers.append(("retry-after", ratelimit.retry_after_header(wait)))
             return Refusal(
                 503, reason, "rate-limit state is unavailable", "state_unavailable", tuple(headers)
             )

@@ -37,9 +37,9 @@ Config section (durations as in the rest of the config)::
 
     state.url                  required; redis://[user:password@]host[:port][/db],
                                rediss://... (TLS) or unix:///path/to/socket
-    state.on_error = fail_open fail_open (count locally) | fail_closed (answer 429)
+    state.on_error = fail_open fail_open (count locally) | fail_closed (answer 503)
     state.prefix = llm-sidecar:  prefix of every key
-    state.timeout = 50ms       most one Redis operation may take on a call's path; > 0
+    state.timeout = 250ms      most one Redis operation may take on a call's path; > 0
     state.retry_interval = 1s  how often Redis is probed while it is down; > 0
 
 Adapter: imports redis-py's asyncio client; the decisions themselves come from the
@@ -187,7 +187,7 @@ class StateConfig:
     url: str
     on_error: str = "fail_open"
     prefix: str = DEFAULT_PREFIX
-    timeout: float = 0.05
+    timeout: float = 0.25
     retry_interval: float = 1.0
 
     def redacted_url(self) -> str:
@@ -416,6 +416,10 @@ class RedisLimiter:
         """The Redis key of a budget spend counter."""
         return f"{self.prefix}spend:{key}"
 
+    async def load_script(self) -> None:
+        """Load the Lua script into Redis's script cache (EVALSHA then needs no reload)."""
+        await self.client.script_load(_LUA)
+
     async def _run(self, keys: Sequence[str], args: Sequence[str | int | float]) -> Any:
         return await self._script(keys=list(keys), args=list(args))
 
@@ -527,6 +531,12 @@ _OPEN_ERRORS = "counting locally (fail_open): limits hold per replica until Redi
 _CLOSED_ERRORS = "refusing rate-limited calls (fail_closed) until Redis is back"
 
 
+#: Failed operations in a row (timeouts) before Redis is marked down.
+_DOWN_AFTER = 3
+#: Pooled connections opened at start.
+_WARM_CONNECTIONS = 8
+
+
 class SharedLimiter:
     """Rate limits in Redis with a bounded cost per call and a defined outage behaviour.
 
@@ -576,6 +586,8 @@ class SharedLimiter:
         self._name = redacted_url(url) if url else "redis"
         self._secrets = _url_secrets(url)
         self._up: bool | None = None
+        self._failures = 0  # failed operations in a row
+        self._releasing = False
         self._prober: asyncio.Task[None] | None = None
         self._orphans: deque[tuple[str, tuple[Scope, ...]]] = deque(maxlen=_MAX_ORPHANS)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -628,6 +640,13 @@ class SharedLimiter:
 
     def _failed(self, operation: str, exc: BaseException) -> None:
         self._notify(self._on_error, operation)
+        self._failures += 1
+        # A refused connection is an outage; a lone timeout under a burst (the loop busy, a
+        # pooled connection being opened) is not: only that call falls back, and Redis is
+        # marked down after _DOWN_AFTER failures in a row (a hung Redis reaches it at once,
+        # as every call in flight times out).
+        if isinstance(exc, TimeoutError) and self._failures < _DOWN_AFTER:
+            return
         if self._up is not False:
             self._up = False
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed ({self._scrub(exc)})"
@@ -651,15 +670,18 @@ class SharedLimiter:
         return text
 
     def _succeeded(self) -> None:
-        if self._up is True:
-            return
-        was = self._up
-        self._up = True
-        if was is False:
-            log.info("state backend %s reachable again; limits are shared across replicas", self._name)
-        self._notify(self._on_state, True)
-        if self._orphans:
-            self._spawn(self._release_orphans())
+        self._failures = 0
+        if self._up is not True:
+            was = self._up
+            self._up = True
+            if was is False:
+                log.info("state backend %s reachable again; limits are shared across replicas", self._name)
+            self._notify(self._on_state, True)
+        # Slots left by failed releases (a lone timeout does not mark Redis down): free them
+        # as soon as Redis answers again.
+        if self._orphans and not self._releasing:
+            self._releasing = True
+            self._spawn(self._release_orphans_now())
 
     async def _probe(self) -> None:
         """Ping every ``retry_interval`` until Redis answers; calls keep to the fallback meanwhile."""
@@ -687,18 +709,48 @@ class SharedLimiter:
         self._succeeded()
         return _Outcome.OK, result
 
-    async def _release_orphans(self) -> None:
-        """Free the slots that failed releases (or timed-out acquires) may have left in Redis."""
-        while self._orphans and self._up:
+    async def _release_orphans(self) -> bool:
+        """Free the slots that failed releases (or timed-out acquires) may have left in Redis.
+
+        True when none is left.
+        """
+        while self._orphans and self._up is not False:
             grant_id, scopes = self._orphans.popleft()
             outcome, _ = await self._call("release", partial(self.backend.release_slots, grant_id, scopes))
             if outcome is not _Outcome.OK:
                 self._orphans.appendleft((grant_id, scopes))
-                return
+                return False
+        return not self._orphans
+
+    async def _release_orphans_now(self) -> None:
+        try:
+            await self._release_orphans()
+        finally:
+            self._releasing = False
+        if self._orphans and self._up is True:
+            self._schedule_orphans()
+
+    def _schedule_orphans(self) -> None:
+        if not self._releasing:
+            self._releasing = True
+            self._spawn(self._release_orphans_later())
+
+    async def _release_orphans_later(self) -> None:
+        """Retry every ``retry_interval`` while Redis is not marked down (a lone timeout does not
+        mark it down, and no other call may come along to find it answering); once it is
+        down, the prober's success releases them."""
+        try:
+            while self._orphans:
+                await asyncio.sleep(self.retry_interval)
+                if self._up is False or await self._release_orphans():
+                    return
+        finally:
+            self._releasing = False
 
     def _orphan(self, grant_id: str, scopes: tuple[Scope, ...]) -> None:
         if any(s.limits.concurrency is not None for s in scopes):
             self._orphans.append((grant_id, scopes))
+            self._schedule_orphans()
 
     # -- operations -------------------------------------------------------------
 
@@ -707,7 +759,12 @@ class SharedLimiter:
         try:
             async with asyncio.timeout(self.probe_timeout):
                 await self.backend.ping()
+                # Open a few pooled connections and load the script now, so that the first
+                # burst of calls does not pay for them inside the per-call timeout.
+                await asyncio.gather(*(self.backend.ping() for _ in range(_WARM_CONNECTIONS)))
+                await self.backend.load_script()
         except Exception as exc:
+            self._failures = _DOWN_AFTER - 1  # unreachable at start: down at once
             self._failed("ping", exc)
             return False
         self._succeeded()
