@@ -34,6 +34,7 @@ from sidecar.alerting import AlertingSettings, AlertingSink
 from sidecar.calllog import CallLogSink, LogSettings
 from sidecar.config import Config
 from sidecar.errors import ConfigError, Problem
+from sidecar.gateway.budgets import SharedBudgets, SharedSpendSink
 from sidecar.gateway.control import Gateway
 from sidecar.ledger import Ledger, LedgerSettings
 from sidecar.metrics import Metrics, MetricsSink
@@ -124,6 +125,11 @@ class Sidecar:
         logs = config.logs or LogSettings()
         if logs.enabled:
             self.sinks.append(CallLogSink(logs, registry=self.registry))
+        # A fleet's reject budgets: every replica's spend summed in Redis (see gateway.budgets).
+        self.shared_spend: SharedSpendSink | None = None
+        if config.state is not None and config.state.url:
+            self.shared_spend = SharedSpendSink(maxsize=config.sinks.queue_size)
+            self.sinks.append(self.shared_spend)
         self.sinks.extend(extra_sinks or [])
         self._reload_config = reload_config
         self.alerting_settings = alerting
@@ -280,6 +286,10 @@ class Sidecar:
                     )
 
             alerting.on_transition = on_transition
+            if gateway.shared is not None and self.shared_spend is not None:
+                budgets = SharedBudgets(gateway.shared, lambda: alerting.engine.rules.rules)
+                self.shared_spend.budgets = budgets
+                gateway.shared_budgets = budgets
             alerting.engine.attempt_rules = frozenset(gateway.rollback_rules)
         self.gateway = gateway
         self.proxy.gateway = gateway

@@ -70,7 +70,7 @@ Gateway control, each off when absent (their parsers live with their modules in
 :mod:`sidecar.gateway`; README "Gateway control" has every key)::
 
     keys                                   virtual keys: {file, entries, rotation_overlap, reload_interval}
-    rate_limits                            {default_max_tokens, tenant, tenants, models} of {rpm, tpm, concurrency}
+    rate_limits                            {default_max_tokens, tenant, tenants, models}: rpm tpm concurrency
     state                                  shared counters: {url, on_error, prefix, timeout, retry_interval}
     circuit_breakers                       {consecutive_failures, error_ratio, window, min_calls, cooldown}
     routes                                 [{name, match, targets, retry, canary, breaker}]

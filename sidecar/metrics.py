@@ -248,7 +248,8 @@ class Metrics:
         for event in record.events:
             if event.name == "fallback":
                 moved = dict(event.attributes)
-                self.fallbacks.labels(moved.get("from", ""), moved.get("to", ""), moved.get("reason", "")).inc()
+                source, target = moved.get("from", ""), moved.get("to", "")
+                self.fallbacks.labels(source, target, moved.get("reason", "")).inc()
 
 
 class MetricsSink(QueueSink):

@@ -509,7 +509,11 @@ class Proxy:
 
         budget = self.budget_breach
         if budget is not None:
-            breach = budget(call.tenant, call.provider, call.request_model or "unknown", route.name)
+            model = call.request_model or "unknown"
+            breach = budget(call.tenant, call.provider, model, route.name)
+            if breach is None and gateway is not None and gateway.shared_budgets is not None:
+                # A fleet: the spend of every replica, from Redis (cached for a second).
+                breach = await gateway.shared_budgets.breach(call.tenant, call.provider, model, route.name)
             if breach is not None:
                 return self._refuse_budget(call, breach)
 

@@ -819,3 +819,43 @@ async def test_restarting_a_replica_does_not_reset_the_shared_bucket(
             text = await settled(s, again, 3, tenant="acme")
             assert metric(text, "llm_requests_total", tenant="acme", code="200") == 0
     assert upstream.count() == 5
+
+
+async def test_a_reject_budget_holds_across_replicas_sharing_redis(
+    upstream: Upstream, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # 15 tokens a call (usage 10 + 5) against a daily budget of 60: four calls spend it.
+    rules = tmp_path / "budget.yaml"
+    rules.write_text(
+        "version: sidecar/v1\n"
+        "rules:\n"
+        "  - {name: daily-tokens, kind: budget, signal: tokens, period: 1d, calendar: true,\n"
+        "     limit: 60, action: reject, group_by: [tenant], severity: ticket}\n"
+    )
+    extra = f"rules: {{files: ['{rules}']}}\n"
+    args = [replica_args(tmp_path, upstream, n, extra, redis_server.url) for n in ("a", "b")]
+    async with sidecars(*args) as procs, aiohttp.ClientSession() as s:
+        a, b = procs
+        await backend_up(s, procs, 1)
+        for _ in range(4):
+            assert (await chat(s, a, "acme")).status == 200
+        await settled(s, a, 4, tenant="acme")
+        # Replica b served none of acme's calls: only the shared counter knows the budget is
+        # spent. Wait until replica a has added its spend (off its request path), then one call.
+        admin = redis_server.client()
+        try:
+
+            async def spent() -> bool:
+                keys = await admin.keys("llm-sidecar:spend:budget:daily-tokens:*")
+                return len(keys) == 1 and float(await admin.get(keys[0]) or 0) >= 60
+
+            await until(spent, "replica a's spend in Redis")
+        finally:
+            await admin.aclose()
+        refused = await chat(s, b, "acme")
+        assert refused.status == 429, refused.body
+        error = refused.json()["error"]
+        assert error["type"] == "insufficient_quota" and error["code"] == "insufficient_quota"
+        assert "daily-tokens" in error["message"] and "60" in error["message"]
+        assert refused.headers["x-should-retry"] == "false"
+        assert (await chat(s, b, "beta")).status == 200  # another tenant's budget is untouched

@@ -41,6 +41,7 @@ from sidecar.metrics import Metrics
 from sidecar.model import Usage
 
 if TYPE_CHECKING:
+    from sidecar.gateway.budgets import SharedBudgets
     from sidecar.gateway.sharedstate import SharedLimiter
     from sidecar.providers import Shape
     from sidecar.proxy import _Call
@@ -148,6 +149,8 @@ class Gateway:
         self.canary_path: Path | None = None
         self.notify: Callable[[str, str], None] | None = None  # (title, body) to the notify channels
         self._poll_task: asyncio.Task[None] | None = None
+        #: Reject budgets summed across the fleet in Redis (set by the app when state is shared).
+        self.shared_budgets: SharedBudgets | None = None
         self._apply(config)
 
     # -- configuration ------------------------------------------------------------------
@@ -164,6 +167,7 @@ class Gateway:
             or c.rate_limits is not None
             or c.routes
             or c.circuit_breakers is not None
+            or (c.state is not None and bool(c.state.url))  # shared reject budgets
             or any(u.api_key is not None and u.api_key.from_file for u in c.upstreams)
         )
 

@@ -60,7 +60,16 @@ from sidecar.rules.model import (
 from sidecar.rules.state import AlertTable, Event, LabelSet, Transition
 from sidecar.rules.windows import HistogramRing, Ring, calendar_period
 
-__all__ = ["DEFAULT_MAX_SERIES", "BudgetBreach", "Engine", "Result", "Sample", "describe_duration"]
+__all__ = [
+    "DEFAULT_MAX_SERIES",
+    "BudgetBreach",
+    "Engine",
+    "Result",
+    "Sample",
+    "budget_amount",
+    "call_labels",
+    "describe_duration",
+]
 
 DEFAULT_MAX_SERIES = 10_000
 #: A failed upstream attempt's outcome → the error type a rule sees for it.
@@ -346,6 +355,26 @@ class _ErrorRateEvaluator(_SeriesEvaluator[Ring]):
         return series.empty(now)
 
 
+def budget_amount(rule: BudgetRule, record: CallRecord) -> float:
+    """What one call spends of a budget rule: its cost, or its tokens (of one type, or input + output)."""
+    if rule.signal == "cost_usd":
+        return float(record.cost_usd) if record.cost_usd is not None else 0.0
+    counts = {c.type: c.count for c in record.token_counts()}
+    if rule.token_type is not None:
+        return float(counts.get(rule.token_type, 0))
+    return float(counts.get("input", 0) + counts.get("output", 0))
+
+
+def call_labels(record: CallRecord) -> dict[str, str]:
+    """The labels a rule matches and groups a call by."""
+    return {
+        "tenant": record.tenant,
+        "upstream": record.upstream,
+        "provider": record.provider,
+        "model": record.model,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetBreach:
     """A spent ``action: reject`` budget: what the refusal tells the client."""
@@ -392,12 +421,7 @@ class _BudgetEvaluator(_SeriesEvaluator[_Spend]):
         return _Spend(ring=None if self.rule.calendar else Ring(self.rule.period, 1))
 
     def amount(self, record: CallRecord) -> float:
-        if self.rule.signal == "cost_usd":
-            return float(record.cost_usd) if record.cost_usd is not None else 0.0
-        counts = {c.type: c.count for c in record.token_counts()}
-        if self.rule.token_type is not None:
-            return float(counts.get(self.rule.token_type, 0))
-        return float(counts.get("input", 0) + counts.get("output", 0))
+        return budget_amount(self.rule, record)
 
     def spent(self, spend: _Spend, now: float) -> float:
         if spend.ring is not None:
