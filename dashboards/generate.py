@@ -39,6 +39,7 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'tenant=~"$tenant", upstream=~"$upstream", provider=~"$provider", model=~"$model"'
 SEL_UNPRICED = 'tenant=~"$tenant", model=~"$model"'
 SEL_UPSTREAM = 'upstream=~"$upstream"'
+SEL_TENANT = 'tenant=~"$tenant"'
 # Calls that spend the availability error budget (as in rules/slo.yaml): failures of the
 # upstream or the sidecar, not the client's own (4xx, 429, aborts).
 BAD = 'error_type=~"upstream_5xx|timeout|connect_error|stream_interrupted|proxy_error"'
@@ -649,13 +650,75 @@ def sla_overview() -> dict[str, Any]:
             ),
         ],
     )
+    gateway = Row(
+        "Gateway control",
+        [
+            Panel(
+                "Upstream attempts by outcome",
+                "timeseries",
+                [
+                    Target(
+                        "sum by (upstream, outcome) "
+                        f"(rate(llm_upstream_attempts_total{{{SEL_UPSTREAM}}}[{RATE}]))",
+                        "{{upstream}} {{outcome}}",
+                    )
+                ],
+                unit="reqps",
+                width=6,
+                description="Every try at an upstream; a call that fell back has several.",
+            ),
+            Panel(
+                "Fallbacks",
+                "timeseries",
+                [
+                    Target(
+                        f"sum by (from, to, reason) (rate(llm_fallbacks_total[{RATE}]))",
+                        "{{from}} → {{to}} ({{reason}})",
+                    ),
+                    Target(f"sum(rate(llm_fallbacks_total[{RATE}])) or vector(0)", "all"),
+                ],
+                unit="reqps",
+                width=6,
+            ),
+            Panel(
+                "Circuit breakers",
+                "timeseries",
+                [Target(f"max by (upstream) (llm_upstream_state{{{SEL_UPSTREAM}}})", "{{upstream}}")],
+                width=4,
+                thresholds=[(None, "green"), (1, "orange"), (2, "red")],
+                description="0 closed, 1 half-open (one probe), 2 open (traffic goes elsewhere).",
+            ),
+            Panel(
+                "Refused by policy",
+                "timeseries",
+                [
+                    Target(
+                        f"sum by (reason) (rate(llm_throttled_requests_total{{{SEL_TENANT}}}[{RATE}]))",
+                        "{{reason}}",
+                    ),
+                    Target(f"sum(rate(llm_auth_failures_total[{RATE}])) or vector(0)", "unauthorized"),
+                ],
+                unit="reqps",
+                width=4,
+                description="Rate limits, budgets and key checks: refusals that do not burn the SLO.",
+            ),
+            Panel(
+                "Canary weight",
+                "timeseries",
+                [Target("max by (route) (llm_canary_weight_percent)", "{{route}}")],
+                unit="percent",
+                width=4,
+                description="Share of each route's calls sent to its candidate; 0 after a rollback.",
+            ),
+        ],
+    )
     return dashboard(
         "llm-sidecar-sla",
         "LLM sidecar / SLA overview",
         "On-call view of LLM API calls through llm-sidecar: availability, error budget, latency, "
         "errors, alerts and incidents.",
         ["sla", "on-call"],
-        [overview, errors, latency, incidents, health],
+        [overview, errors, latency, incidents, gateway, health],
     )
 
 

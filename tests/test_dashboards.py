@@ -65,6 +65,11 @@ MAY_BE_EMPTY = {
     "Records dropped by sink",
     "Malformed upstream bodies",
     "Spend against budget",
+    # Gateway control: only with breakers, canaries, limits or keys configured and used.
+    "Circuit breakers",
+    "Canary weight",
+    "Fallbacks",
+    "Refused by policy",
 }
 SUBSTITUTIONS = {
     "$__rate_interval": "30s",
