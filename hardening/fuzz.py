@@ -25,6 +25,14 @@ What must hold, or the run fails (exit 1) and the failing case numbers are print
 * at the end no call is left in flight (``llm_inflight_requests`` back to 0), SIGTERM exits
   0, and the sidecar's log holds no traceback and no ERROR line.
 
+Before the HTTP cases, the Hypothesis properties of ``tests/test_properties.py`` (any split
+of a recorded stream, usage extraction on arbitrary JSON, additive cost, config and rule
+parsing) run round after round, ``--examples`` examples per property per round, for
+``--properties-share`` of ``--duration`` (the last round may overrun by one property's
+run, a few seconds at most). A property that fails is reported with its falsifying
+example, kept in the example database under ``--out`` (replayed first next time) and not
+run again in this run.
+
     python -m hardening.fuzz --duration 300 --seed 7
 """
 
@@ -515,7 +523,7 @@ async def watchdog(
                 found.fail(f"/healthz did not answer within 2 s ({type(exc).__name__})")
 
 
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, found: Findings | None = None) -> int:
     fixtures = fixture_bodies()
     upstream = FuzzUpstream(args.seed, fixtures)
     await upstream.raw.start()
@@ -530,7 +538,7 @@ async def run(args: argparse.Namespace) -> int:
     )
     sc = SidecarProcess("--config", str(cfg), "--log-level", "info")
     await sc.start()
-    found = Findings()
+    found = found if found is not None else Findings()
     counter = [0]
     started = time.monotonic()
     deadline = started + args.duration
@@ -577,6 +585,57 @@ def save_log(out: Path, log: str) -> None:
     (out / "sidecar.log").write_text(log)
 
 
+# --- the Hypothesis properties, longer --------------------------------------------------------------
+
+
+def run_properties(seconds: float, examples: int, out: Path, found: Findings) -> None:
+    """Run every property of ``tests/test_properties.py`` round after round until ``seconds`` pass.
+
+    The profile is loaded before the module is imported: ``@given`` takes its settings
+    when the test is defined.
+    """
+    from hypothesis import HealthCheck, settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    settings.register_profile(
+        "fuzz",
+        max_examples=examples,
+        deadline=None,
+        database=DirectoryBasedExampleDatabase(str(out / "hypothesis")),
+        suppress_health_check=list(HealthCheck),
+        print_blob=True,
+    )
+    settings.load_profile("fuzz")
+    from tests.test_properties import PROPERTIES
+
+    # The one-fixture-each stream splits last: in a short run the other properties come first.
+    order = sorted(PROPERTIES, key=lambda name: name.startswith("stream split"))
+    started = time.monotonic()
+    deadline = started + seconds
+    runs: Counter[str] = Counter()
+    failed: set[str] = set()
+    while time.monotonic() < deadline and len(failed) < len(order):
+        for name in order:
+            prop = PROPERTIES[name]
+            if name in failed:
+                continue
+            if time.monotonic() >= deadline:
+                break
+            try:
+                prop()
+            except Exception as exc:  # a falsified property (Hypothesis printed the example)
+                failed.add(name)
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                found.fail(f"property {name!r}: {type(exc).__name__}: {first}")
+            runs[name] += 1
+    rounds = min(runs[name] for name in order)
+    sys.stdout.write(
+        f"properties: {len(order)} properties, {sum(runs.values())} runs of up to {examples} examples "
+        f"({rounds} full rounds) in {time.monotonic() - started:.0f} s, {len(failed)} failed\n"
+    )
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hardening.fuzz", description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=float(os.environ.get("FUZZ_SECONDS", 120)))
@@ -584,10 +643,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=6)
     parser.add_argument("--case", type=int, default=None, help="replay one case of --seed and stop")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fuzz"))
+    parser.add_argument(
+        "--properties-share",
+        type=float,
+        default=0.25,
+        help="part of --duration spent on the Hypothesis properties first (0: none)",
+    )
+    parser.add_argument("--examples", type=int, default=50, help="examples per property per round")
     args = parser.parse_args(argv)
+    found = Findings()
     if args.case is not None:
         args.workers = 1
-    return asyncio.run(run(args))
+    elif args.properties_share > 0:
+        seconds = args.duration * min(args.properties_share, 1.0)
+        run_properties(seconds, args.examples, Path(args.out), found)
+        args.duration -= seconds
+    return asyncio.run(run(args, found))
 
 
 if __name__ == "__main__":

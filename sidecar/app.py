@@ -46,6 +46,7 @@ from sidecar.sinks import Sink
 from sidecar.tokens import Estimator
 from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
 from sidecar.usagelogs import UsageLogsSink, resolve_usage_logs
+from sidecar.yamlspec import Reader, locate
 
 log = logging.getLogger("sidecar.app")
 
@@ -155,8 +156,9 @@ class Sidecar:
         try:
             token = Path(config.admin.token_file).read_text().strip()
         except OSError as exc:
-            problem = Problem(config.source, 0, 0, "admin.token_file", f"cannot read: {exc.strerror}")
-            raise ConfigError([problem]) from None
+            raise ConfigError(
+                [_problem_at(config, "admin.token_file", f"cannot read: {exc.strerror}")]
+            ) from None
         return token or None
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -463,6 +465,22 @@ async def _expect_continue(request: web.Request) -> None:
     ):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim answer is not the response's start
+
+
+def _problem_at(config: Config, field: str, message: str) -> Problem:
+    """A problem found after parsing, located at ``field`` in the config file (1:1 when the
+    file cannot be read again or has no such key: a flag set it)."""
+    line = column = 1
+    if config.source and not config.source.startswith("<"):
+        try:
+            text = Path(config.source).read_text(encoding="utf-8")
+            reader = Reader(config.source)
+            node = locate(reader.compose(text), field)
+        except (OSError, ConfigError, UnicodeDecodeError):
+            node = None
+        if node is not None:
+            line, column = node.start_mark.line + 1, node.start_mark.column + 1
+    return Problem(config.source, line, column, field, message)
 
 
 def _bound_port(runner: web.AppRunner) -> int:

@@ -20,10 +20,11 @@ import logging
 import math
 import os
 import ssl
+import sys
 import time
 import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -236,25 +237,63 @@ class ProxySettings:
 # --- decoding a copy of compressed bodies -----------------------------------------------
 
 
-def make_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
-    """An incremental decoder for a ``Content-Encoding``; None when it cannot be decoded."""
+#: Largest piece a compressed body is decoded into at a time: a few hundred bytes of brotli
+#: can hold hundreds of MiB, and the copy must never hold more than this at once.
+DECODE_PIECE = 256 * 1024
+#: Decoded bytes of one compressed response read for usage; past it the copy stops (its
+#: usage is not read and the call counts as malformed). The client still gets every byte.
+MAX_DECODED_BYTES = 64 * 1024 * 1024
+
+Decoder = Callable[[bytes], Iterator[bytes]]
+
+
+class DecodedTooLarge(zlib.error):
+    """The decoded copy of a compressed body passed :data:`MAX_DECODED_BYTES`."""
+
+
+def make_decoder(encoding: str, limit: int = MAX_DECODED_BYTES) -> Decoder | None:
+    """An incremental decoder for a ``Content-Encoding``; None when it cannot be decoded.
+
+    It yields the decoded bytes of each chunk in pieces of at most :data:`DECODE_PIECE`
+    and raises :class:`DecodedTooLarge` (a ``zlib.error``) once more than ``limit``
+    decoded bytes came out of a compressed body. Every decoding error is a ``zlib.error``.
+    """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
-        return lambda data: data
-    if encoding in ("gzip", "x-gzip"):
-        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
-    if encoding == "deflate":
-        state: dict[str, Any] = {}
 
-        def inflate(data: bytes) -> bytes:
+        def identity(data: bytes) -> Iterator[bytes]:
+            yield data
+
+        return identity
+    total = 0
+
+    def counted(piece: bytes) -> bytes:
+        nonlocal total
+        total += len(piece)
+        if total > limit:
+            raise DecodedTooLarge(f"decoded copy over {limit} bytes")
+        return piece
+
+    if encoding in ("gzip", "x-gzip", "deflate"):
+        state: dict[str, Any] = {}
+        if encoding != "deflate":
+            state["obj"] = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+        def inflate(data: bytes) -> Iterator[bytes]:
             obj = state.get("obj")
             if obj is None:
                 # RFC 9110 deflate is zlib-wrapped; some servers send raw deflate.
                 wrapped = len(data) >= 2 and (data[0] * 256 + data[1]) % 31 == 0 and data[0] & 0x0F == 8
                 obj = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
                 state["obj"] = obj
-            out: bytes = obj.decompress(data)
-            return out
+            out: bytes = obj.decompress(data, DECODE_PIECE)
+            yield counted(out)
+            # A full piece may leave output pending even with all input taken.
+            while obj.unconsumed_tail or len(out) == DECODE_PIECE:
+                out = obj.decompress(obj.unconsumed_tail, DECODE_PIECE)
+                if not out and not obj.unconsumed_tail:
+                    break
+                yield counted(out)
 
         return inflate
     if encoding == "br":
@@ -264,9 +303,11 @@ def make_decoder(encoding: str) -> Callable[[bytes], bytes] | None:
             return None
         decompressor = brotli.Decompressor()
 
-        def unbrotli(data: bytes) -> bytes:
+        def unbrotli(data: bytes) -> Iterator[bytes]:
             try:
-                return bytes(decompressor.process(data))
+                yield counted(bytes(decompressor.process(data, output_buffer_limit=DECODE_PIECE)))
+                while not decompressor.can_accept_more_data():
+                    yield counted(bytes(decompressor.process(b"", output_buffer_limit=DECODE_PIECE)))
             except brotli.error as exc:  # one error type for every undecodable body: zlib's
                 raise zlib.error(f"brotli: {exc}") from exc
 
@@ -775,9 +816,12 @@ class Proxy:
         is_sse = "text/event-stream" in content_type
         observer: StreamObserver | None = None
         json_copy: list[bytes] | None = None
-        decoder: Callable[[bytes], bytes] | None = None
+        decoder: Decoder | None = None
         if shape is not None and status < 300:
-            decoder = make_decoder(encoding)
+            # Forwarded decoded (its usage chunk stripped), the stream is the client's answer and
+            # is decoded whole, piece by piece; a copy read only for usage stops at the bound.
+            forwarded_decoded = strip_usage and is_sse
+            decoder = make_decoder(encoding, limit=sys.maxsize if forwarded_decoded else MAX_DECODED_BYTES)
             if decoder is not None:
                 if is_sse:
                     observer = shape.stream_observer(strip_usage)
@@ -818,11 +862,12 @@ class Proxy:
                     break
                 if strip:
                     assert observer is not None and decoder is not None
-                    out = observer.feed(decoder(chunk))
-                    if out:
-                        t = perf_counter()
-                        await _write(response, out)
-                        call.client_wait += perf_counter() - t
+                    for piece in decoder(chunk):
+                        out = observer.feed(piece)
+                        if out:
+                            t = perf_counter()
+                            await _write(response, out)
+                            call.client_wait += perf_counter() - t
                 else:
                     t = perf_counter()
                     await _write(response, chunk)
@@ -830,12 +875,16 @@ class Proxy:
                     try:
                         if observer is not None:
                             assert decoder is not None
-                            observer.feed(decoder(chunk))
-                        elif json_copy is not None and copied < MAX_PARSE_BYTES:
+                            for piece in decoder(chunk):
+                                observer.feed(piece)
+                        elif json_copy is not None and copied <= MAX_PARSE_BYTES:
                             assert decoder is not None
-                            decoded = decoder(chunk)
-                            copied += len(decoded)
-                            json_copy.append(decoded)
+                            for piece in decoder(chunk):
+                                copied += len(piece)
+                                if copied > MAX_PARSE_BYTES:
+                                    json_copy = None  # too large to parse: stop decoding at all
+                                    break
+                                json_copy.append(piece)
                     except zlib.error:
                         # A corrupt compressed body: the rest still reaches the client as sent;
                         # its usage cannot be read, and it counts as malformed.

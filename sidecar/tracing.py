@@ -285,6 +285,20 @@ def check_endpoint(text: str) -> str:
     return text
 
 
+def loggable_endpoint(text: str) -> str:
+    """An endpoint as it may be logged: scheme, host, port and path only (no credentials in the
+    userinfo, no query that may carry a token)."""
+    parts = urlsplit(text)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
 def _pairs(text: str) -> tuple[list[tuple[str, str]], list[str]]:
     """``k1=v1,k2=v2`` (values percent-decoded) as pairs, and the members that were malformed."""
     pairs: list[tuple[str, str]] = []
@@ -1407,7 +1421,7 @@ class TracingSink:
         log.info(
             "tracing on: OTLP %s to %s (service %s, sample ratio %g)",
             settings.protocol,
-            settings.endpoint,
+            loggable_endpoint(settings.endpoint),
             settings.service_name,
             settings.sample_ratio,
         )

@@ -70,6 +70,7 @@ from sidecar.tracing import (
     env_int,
     env_ms,
     grpc_channel,
+    loggable_endpoint,
     parse_export_keys,
     resolve_otlp_export,
 )
@@ -452,7 +453,7 @@ class UsageLogsSink:
         if self._logger is None:
             log.warning("usage logs: the OpenTelemetry SDK is disabled (OTEL_SDK_DISABLED): none are sent")
             return
-        log.info("usage logs on: OTLP %s to %s", settings.protocol, settings.endpoint)
+        log.info("usage logs on: OTLP %s to %s", settings.protocol, loggable_endpoint(settings.endpoint))
 
     async def stop(self, timeout: float) -> None:
         """Export what is queued, waiting at most ``timeout`` seconds; records left over are counted."""

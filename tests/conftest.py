@@ -28,3 +28,21 @@ async def replay_upstream(fixtures_dir: Path) -> AsyncIterator[ReplayUpstream]:
         yield upstream
     finally:
         await upstream.close()
+
+
+def _hypothesis_profiles() -> None:
+    """Hypothesis (tests/test_properties.py): a small example budget in CI, ``HYPOTHESIS_PROFILE=dev``
+    for more; ``make fuzz`` runs the same properties with a large one (hardening/fuzz.py). No
+    example database: nothing is written into the checkout."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    settings.register_profile("dev", max_examples=300, deadline=None, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
