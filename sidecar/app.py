@@ -184,6 +184,7 @@ class Sidecar:
         if self.alerting is not None:
             await self._refill_rule_windows(self.alerting)
         self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
+        self.proxy.body_read_timeout = self.config.limits.body_read_timeout
         if self.alerting is not None:
             self.proxy.budget_breach = self.alerting.budget_breach
         await self._start_gateway(self.config)
@@ -350,6 +351,7 @@ class Sidecar:
             self.pipeline.prices = new_prices
         if self.proxy is not None:
             self.proxy.settings = self._proxy_settings(new_config)
+            self.proxy.body_read_timeout = new_config.limits.body_read_timeout
         self._reconfigure_gateway(new_config)
         log.info("config reloaded from %s (price table %s)", source, new_prices.version)
         return True

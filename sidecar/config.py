@@ -54,7 +54,7 @@ Keys, with their defaults (durations are Prometheus strings such as ``30s``,
     upstreams[].timeouts.connect = 5s      connecting (TCP and TLS); > 0 and <= total
     upstreams[].timeouts.first_byte = 120s until the response headers; > 0 and <= total
     upstreams[].timeouts.total = 600s      the whole call, streaming included; > 0
-    upstreams[].tls.ca_file = none         extra CA bundle (PEM); none: the system's CAs
+    upstreams[].tls.ca_file = none         CA bundle (PEM) trusted instead of the system's CAs
     upstreams[].tls.verify = true          verify the upstream's certificate
     tenants.header = x-tenant-id           request header naming the tenant
     tenants.required = false               reject calls without the header
@@ -62,6 +62,7 @@ Keys, with their defaults (durations are Prometheus strings such as ``30s``,
     tenants.max_length = 128               longest tenant value accepted; >= 1
     pricing.file = none                    price table (see sidecar.pricing); none: the packaged one
     limits.max_body_bytes = 33554432       largest request body accepted (32 MiB); >= 1
+    limits.body_read_timeout = 60s         longest wait for the next piece of a request body (408); > 0
     shutdown.drain_timeout = 30s           how long calls in flight may finish at shutdown; >= 0
     data_dir = sidecar-data                directory for the ledger and other state
     sinks.queue_size = 10000               bound of each sink's queue (records past it are dropped)
@@ -252,6 +253,7 @@ class LimitsConfig:
     """Request limits."""
 
     max_body_bytes: int = 32 * 1024 * 1024
+    body_read_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -571,12 +573,15 @@ def _parse_pricing(r: Reader, node: Node, path: str, ctx: ParseContext) -> Prici
 
 
 def _parse_limits(r: Reader, node: Node, path: str, ctx: ParseContext) -> LimitsConfig:
-    m = r.mapping(node, path, ("max_body_bytes",))
+    m = r.mapping(node, path, ("max_body_bytes", "body_read_timeout"))
     d = LimitsConfig()
     if m is None:
         return d
     return LimitsConfig(
-        max_body_bytes=r.integer(m.get("max_body_bytes"), join(path, "max_body_bytes"), d.max_body_bytes)
+        max_body_bytes=r.integer(m.get("max_body_bytes"), join(path, "max_body_bytes"), d.max_body_bytes),
+        body_read_timeout=r.duration(
+            m.get("body_read_timeout"), join(path, "body_read_timeout"), d.body_read_timeout
+        ),
     )
 
 
@@ -762,9 +767,10 @@ def _check_bounds(config: Config) -> list[tuple[str, str]]:
         ("shutdown.drain_timeout", config.shutdown.drain_timeout, 0),
         ("sinks.queue_size", config.sinks.queue_size, 1),
     ]
-    return [
-        (path, f"must be at least {low:g}, got {value:g}") for path, value, low in minimums if value < low
-    ]
+    out = [(path, f"must be at least {low:g}, got {value:g}") for path, value, low in minimums if value < low]
+    if config.limits.body_read_timeout <= 0:
+        out.append(("limits.body_read_timeout", "must be greater than 0s"))
+    return out
 
 
 def _check_routes(config: Config) -> list[tuple[str, str]]:

@@ -485,3 +485,14 @@ def test_overrides_used_by_the_cli_and_the_demo() -> None:
     assert [str(p) for p in info.value.problems] == ['<flags>:0:0: x: unknown provider "azure"']
     with pytest.raises(ConfigError, match='duplicate upstream name "default"'):
         got.with_overrides(extra_upstreams=[("default", "http://h", None, "/other")])
+
+
+def test_body_read_timeout_is_a_limit_with_a_located_error() -> None:
+    base = "version: sidecar/v1\nupstreams: [{name: a, url: 'http://127.0.0.1:1'}]\n"
+    assert cfg.load(base, "c.yaml").limits.body_read_timeout == 60.0
+    assert cfg.load(base + "limits: {body_read_timeout: 2500ms}\n", "c.yaml").limits.body_read_timeout == 2.5
+    with pytest.raises(ConfigError) as caught:
+        cfg.load(base + "limits: {body_read_timeout: 0s}\n", "c.yaml")
+    assert [str(p) for p in caught.value.problems] == [
+        "c.yaml:3:29: limits.body_read_timeout: must be greater than 0s"
+    ]
