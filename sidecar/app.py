@@ -23,7 +23,6 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
@@ -76,7 +75,6 @@ class _OneLineParserErrors(logging.Filter):
 HTTP_LOG = logging.getLogger("sidecar.http")
 HTTP_LOG.addFilter(_OneLineParserErrors())
 
-PROXY_KEY = web.AppKey("proxy", Proxy)
 #: The longest history read back from the ledger at start to refill rule windows.
 REFILL_MAX_SECONDS = 31 * 86400.0
 SIDECAR_KEY: web.AppKey[Sidecar] = web.AppKey("sidecar")
@@ -140,7 +138,7 @@ class Sidecar:
         self.proxy: Proxy | None = None
         self.gateway: Gateway | None = None
         self.session: aiohttp.ClientSession | None = None
-        self._proxy_runner: web.AppRunner | None = None
+        self._proxy_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -191,25 +189,22 @@ class Sidecar:
 
         proxy = self.proxy
 
-        @web.middleware
-        async def every_request(request: web.Request, handler: Handler) -> web.StreamResponse:
+        async def every_request(request: web.BaseRequest) -> web.StreamResponse:
+            # aiohttp's low-level server: no router, no middleware, no Application per request.
             # Every request goes to the proxy, whatever its target looks like (authority-form
             # CONNECT targets included), so each one is answered in the provider's shape and counted.
+            await _expect_continue(request)
             return await proxy.handle(request)
 
-        proxy_app = web.Application(
-            client_max_size=self.config.limits.max_body_bytes, middlewares=[every_request]
-        )
-        proxy_app[PROXY_KEY] = self.proxy
-        # Never called (the middleware answers every request); it carries the Expect handling.
-        proxy_app.router.add_route("*", "/{tail:.*}", proxy.handle, expect_handler=_expect_continue)
-        self._proxy_runner = web.AppRunner(
-            proxy_app,
-            handler_cancellation=True,
-            access_log=None,
+        self._proxy_runner = web.ServerRunner(
+            web.Server(
+                every_request,
+                handler_cancellation=True,
+                access_log=None,
+                logger=HTTP_LOG,
+                auto_decompress=False,  # a gzip request body goes upstream as sent, with its Content-Encoding
+            ),
             shutdown_timeout=self.config.shutdown.drain_timeout,
-            logger=HTTP_LOG,
-            auto_decompress=False,  # a gzip request body goes upstream as sent, with its Content-Encoding
         )
         await self._proxy_runner.setup()
         host, port = self.config.listen
@@ -455,7 +450,7 @@ class Sidecar:
         return web.json_response({"reloaded": ok}, status=200 if ok else 422)
 
 
-async def _expect_continue(request: web.Request) -> None:
+async def _expect_continue(request: web.BaseRequest) -> None:
     """``Expect: 100-continue`` gets its interim ``100``; any other expectation goes upstream as sent.
 
     aiohttp's own handler answers other values with a 417 that echoes them, and fails with a
@@ -485,7 +480,7 @@ def _problem_at(config: Config, field: str, message: str) -> Problem:
     return Problem(config.source, line, column, field, message)
 
 
-def _bound_port(runner: web.AppRunner) -> int:
+def _bound_port(runner: web.BaseRunner) -> int:
     for address in runner.addresses:
         if isinstance(address, tuple):
             return int(address[1])

@@ -22,7 +22,6 @@ import os
 import ssl
 import sys
 import time
-import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -408,11 +407,12 @@ class _Call:
         "variant",
     )
 
-    def __init__(self, request: web.Request, started: float) -> None:
+    def __init__(self, request: web.BaseRequest, started: float) -> None:
         self.request = request
         self.started = started
         self.started_wall = time.time()
-        self.request_id = recorded_text(request.headers.get("x-request-id")) or uuid.uuid4().hex
+        # os.urandom(16).hex() is uuid4().hex's randomness without building a UUID object.
+        self.request_id = recorded_text(request.headers.get("x-request-id")) or os.urandom(16).hex()
         self.route: Route | None = None
         self.shape: Shape | None = None
         self.provider = ""
@@ -465,9 +465,10 @@ class Proxy:
         self.gateway: Gateway | None = None
         #: Longest wait for the next piece of a request body (seconds).
         self.body_read_timeout = BODY_READ_TIMEOUT
+        self._inflight: dict[str, Any] = {}  # upstream name -> its llm_inflight_requests child
 
     # -- entry point --------------------------------------------------------------------
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         call = _Call(request, perf_counter())
         settings = self.settings
         try:
@@ -636,7 +637,7 @@ class Proxy:
             )
         raise AssertionError("unreachable: the last target always answers")  # pragma: no cover
 
-    async def _read_body(self, request: web.Request, limit: int) -> bytes | None:
+    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes | None:
         """The request body, None past ``limit``; TimeoutError when the client stalls between pieces."""
         body = bytearray()
         while True:
@@ -649,7 +650,7 @@ class Proxy:
                 return None
 
     def _upstream_headers(
-        self, request: web.Request, call: _Call, settings: ProxySettings
+        self, request: web.BaseRequest, call: _Call, settings: ProxySettings
     ) -> CIMultiDict[str]:
         """The client's headers as the upstream should see them (before the upstream's own key)."""
         connection_tokens = {
@@ -712,7 +713,10 @@ class Proxy:
             headers[key[0]] = key[1]
         url = URL(route.base + suffix, encoded=True)
         call.upstream_called = True
-        self.metrics.inflight.labels(route.name).inc()
+        inflight = self._inflight.get(route.name)
+        if inflight is None:
+            inflight = self._inflight[route.name] = self.metrics.inflight.labels(route.name)
+        inflight.inc()
         t0 = perf_counter()
         model = target.model if target is not None else None
         recorded = False
@@ -799,7 +803,7 @@ class Proxy:
             finally:
                 upstream.release()
         finally:
-            self.metrics.inflight.labels(route.name).dec()
+            inflight.dec()
             if not recorded:
                 attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)
 
