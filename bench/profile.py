@@ -4,15 +4,21 @@
 does (pinned apart), drives it with wrk (or :mod:`bench.loadgen`) for JSON and for
 streaming, and samples it with py-spy when installed (``pip install py-spy``: sampling,
 every thread, next to no overhead), else with cProfile (main thread only, and its own
-overhead inflates small functions). Prints, per shape, the share of the sidecar's busy
-samples by function (self and inclusive) and by module; writes the collapsed stacks
-(py-spy) or the pstats file (cProfile) next to the report for flame graphs.
+overhead inflates small functions), or not at all (``--profiler none``: the CPU figure
+alone). Prints, per shape, the sidecar's CPU time per request (user + system of every
+thread, from ``/proc``, over the load run; py-spy samples from the other core and adds
+next to nothing to it), the same split by thread (event loop, ledger writer, rules
+engine, ...: CPU only, where sampled stacks also count a thread blocked in a system
+call such as the ledger's fsync), and the share of its busy samples by area, function
+(self and inclusive) and module; writes the collapsed stacks (py-spy) or the pstats
+file (cProfile) next to the report for flame graphs.
 """
 
 from __future__ import annotations
 
 import argparse
 import pstats
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +28,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench import loadgen, wrk
+from bench import loadgen, procstat, wrk
 from bench.run import DEFAULT_CONFIG, DEFAULT_OUT, BenchError, choose_cores, clean_env, pinned, start, stop
 
 SIDECAR_READY = r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics"
@@ -115,6 +121,44 @@ def collapsed_report(text: str, top: int) -> tuple[str, dict[str, list[tuple[str
     return "\n".join(lines), shares
 
 
+_PYSPY_THREAD = re.compile(r'^Thread (\d+) \([^)]*\): "(.*)"', re.MULTILINE)
+
+
+def python_thread_names(pyspy: str | None, pid: int) -> dict[int, str]:
+    """Python thread names by OS thread id, from ``py-spy dump`` ({} without py-spy)."""
+    if pyspy is None or not Path(pyspy).exists():
+        return {}
+    try:
+        out = subprocess.run(
+            [pyspy, "dump", "--pid", str(pid), "--nonblocking"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(tid): name for tid, name in _PYSPY_THREAD.findall(out.stdout)}
+
+
+def thread_report(
+    before: dict[int, float], after: dict[int, float], names: dict[int, str], pid: int, requests: float
+) -> str:
+    """CPU time per request of each thread over the load run, busiest first (from /proc).
+
+    Unlike sampled stacks, this counts only CPU: a thread waiting in a system call (the
+    ledger's fsync) costs nothing here.
+    """
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    total = sum(used.values()) or 1.0
+    rows = sorted(((cpu, tid) for tid, cpu in used.items() if cpu > 0), reverse=True)
+    lines = ["CPU by thread (/proc, over the load run):"]
+    for cpu, tid in rows:
+        name = names.get(tid) or procstat.thread_name(pid, tid)
+        lines.append(f"  {cpu / max(1.0, requests) * 1e6:8.0f} us/req  {cpu / total:6.1%}  {name}")
+    return "\n".join(lines)
+
+
 def pstats_report(path: Path, top: int) -> str:
     """Top functions by own time from a cProfile file, as shares of the profiled time."""
     stats = pstats.Stats(str(path))
@@ -135,13 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per shape (max 120)")
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile"], default="auto")
+    parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile", "none"], default="auto")
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     duration = max(1.0, min(args.duration, 120.0))
     pyspy = shutil.which("py-spy") or (str(Path(sys.executable).parent / "py-spy"))
     use_pyspy = args.profiler == "py-spy" or (args.profiler == "auto" and Path(pyspy).exists())
+    use_cprofile = args.profiler == "cprofile" or (args.profiler == "auto" and not use_pyspy)
     if args.profiler == "py-spy" and not Path(pyspy).exists():
         parser.error("py-spy not found (pip install py-spy)")
     tool = "wrk" if wrk.wrk_version() else "python"
@@ -166,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--data-dir",
                 str(workdir / "data"),
             ]
-            if not use_pyspy:
+            if use_cprofile:
                 cmd[1:1] = ["-m", "cProfile", "-o", str(prof)]
             env = clean_env(BENCH_UPSTREAM_URL=f"http://127.0.0.1:{upstream.port}")
             sidecar, _ = start(f"sidecar-{shape}", cmd, cores.target, SIDECAR_READY, workdir, env)
@@ -184,19 +229,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             load = wrk.command(
                 tool, "127.0.0.1", sidecar.port, shape == "stream", args.concurrency, duration, workdir
             )
+            pid = sidecar.popen.pid
+            cpu0, threads0 = procstat.cpu_seconds(pid), procstat.thread_cpu_seconds(pid)
             out = subprocess.run(
                 pinned(load, cores.load), capture_output=True, text=True, timeout=duration + 60, check=False
             )
+            cpu, threads1 = procstat.cpu_seconds(pid) - cpu0, procstat.thread_cpu_seconds(pid)
             figures = wrk.parse(out.stdout + out.stderr)
             rps = figures["requests"] / (figures["duration_us"] / 1e6)
+            per_req = cpu / max(1.0, figures["requests"]) * 1e6
             if sampler is not None:
                 sampler.wait(timeout=duration + 60)
+            names = python_thread_names(pyspy, pid)
             stop(sidecar)
             started.remove(sidecar)
-            print(f"\n== {shape}, c={args.concurrency}: {rps:.0f} req/s under the profiler ({tool})")
+            under = "under the profiler" if args.profiler != "none" else "not profiled"
+            print(
+                f"\n== {shape}, c={args.concurrency}: {rps:.0f} req/s {under} ({tool}); "
+                f"sidecar CPU {per_req:.0f} us/req ({figures['requests']:.0f} requests)"
+            )
+            print(thread_report(threads0, threads1, names, pid, figures["requests"]))
             if use_pyspy:
                 text, _ = collapsed_report(raw.read_text(), args.top)
                 print(f"py-spy, every thread; collapsed stacks in {raw}\n{text}")
+            elif not use_cprofile:
+                pass
             elif prof.exists():
                 kept = args.out / f"profile-{shape}.prof"
                 shutil.copyfile(prof, kept)

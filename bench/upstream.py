@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from typing import cast
 
 from bench import payloads
 
@@ -94,8 +95,8 @@ class UpstreamProtocol(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport; uvloop's is not a subclass of asyncio.Transport, so no isinstance.
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:  # asyncio sets no TCP_NODELAY on sockets it did not create itself
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -193,7 +194,7 @@ class UpstreamProtocol(asyncio.Protocol):
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop's loop when it is installed, else asyncio's."""
     try:
-        import uvloop  # type: ignore[import-not-found]
+        import uvloop
     except ImportError:
         return asyncio.new_event_loop()
     loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()

@@ -10,9 +10,10 @@ and are never sampled out. Calls below the configured ``level`` are not logged.
 :class:`CallLogSink` is the pipeline sink: it filters in :meth:`~CallLogSink.offer`
 (cheap), queues, formats a batch in its worker task and hands the text to a
 single writer thread, because a write to a pipe (stdout read by a slow log
-shipper) can block. A stream that blocks fills the queue, and further records
-are refused (counted by the pipeline as ``llm_sink_dropped_total{sink="calllog"}``)
-rather than slowing any call.
+shipper) can block. Lines reach the thread in batches: after a small batch the
+worker lingers (:data:`LINGER`) so that the next one gathers more. A stream that
+blocks fills the queue, and further records are refused (counted by the pipeline
+as ``llm_sink_dropped_total{sink="calllog"}``) rather than slowing any call.
 
 Line fields (absent values are ``null``)::
 
@@ -41,7 +42,6 @@ import zlib
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TextIO
 
 from prometheus_client import CollectorRegistry
@@ -49,12 +49,14 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from yaml.nodes import Node
 
-from sidecar.model import CallRecord
+from sidecar.ledger import iso_utc
+from sidecar.model import TOKEN_TYPES, CallRecord
 from sidecar.sinks import QueueSink
 from sidecar.yamlspec import Reader, join
 
 __all__ = [
     "LEVELS",
+    "LINGER",
     "CallLogSink",
     "LogSettings",
     "keep",
@@ -69,6 +71,11 @@ log = logging.getLogger("sidecar.calllog")
 #: Levels of call lines, lowest first.
 LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 _RANK = {name: i for i, name in enumerate(LEVELS)}
+
+#: Seconds the sink waits after writing a small batch, so that lines go to the writer
+#: thread in batches (see :meth:`CallLogSink.handle`); a line is written at most this
+#: much later than it would be otherwise.
+LINGER = 0.05
 
 #: Error types that are about the client's side of the exchange: logged at warning.
 _CLIENT_SIDE_ERRORS = frozenset({"upstream_4xx", "rate_limited", "client_abort"})
@@ -144,51 +151,80 @@ def keep(record: CallRecord, settings: LogSettings) -> bool:
 
 def tokens_source(record: CallRecord) -> str | None:
     """``reported``, ``estimated`` or ``mixed``: where the call's token counts came from."""
-    sources = {count.source for count in record.token_counts()}
-    if not sources:
-        return None
-    return sources.pop() if len(sources) == 1 else "mixed"
+    return _tokens(record)[1]
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# Where the counts came from, by a bit mask: 1 = some reported, 2 = some estimated.
+_SOURCES: tuple[str | None, ...] = (None, "reported", "estimated", "mixed")
+_REPORTED = "reported"
+_ESTIMATED = "estimated"
+
+
+def _tokens(record: CallRecord) -> tuple[dict[str, dict[str, object]], str | None]:
+    """The ``tokens`` object and ``tokens_source`` of a line, in one pass.
+
+    Each token type with a count, reported where reported, else estimated: what
+    :meth:`CallRecord.token_counts` gives, without building its objects.
+    """
+    usage = record.usage
+    estimated = record.estimated
+    tokens: dict[str, dict[str, object]] = {}
+    sources = 0
+    for token_type in TOKEN_TYPES:
+        count = getattr(usage, token_type)
+        if count is not None:
+            tokens[token_type] = {"count": count, "source": _REPORTED}
+            sources |= 1
+            continue
+        count = getattr(estimated, token_type)
+        if count is not None:
+            tokens[token_type] = {"count": count, "source": _ESTIMATED}
+            sources |= 2
+    return tokens, _SOURCES[sources]
 
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
 
 
+#: One encoder for every line (``json.dumps`` with options builds a new one per call).
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
 def to_log_line(record: CallRecord) -> str:
     """The call's JSON line (no trailing newline); see the module docstring for the fields."""
     finished = record.finished_at or record.started_at + record.duration_s
-    tokens = {count.type: {"count": count.count, "source": count.source} for count in record.token_counts()}
-    fields: dict[str, object] = {
-        "time": _iso(finished),
-        "level": level_of(record),
-        "event": "llm_call",
-        "request_id": record.request_id,
-        "trace_id": record.trace_id,
-        "span_id": record.span_id,
-        "tenant": record.tenant,
-        "upstream": record.upstream,
-        "provider": record.provider or None,
-        "operation": record.operation,
-        "model": record.model,
-        "request_model": record.request_model,
-        "response_model": record.response_model,
-        "method": record.method,
-        "stream": record.stream,
-        "status": record.status,
-        "error_type": record.error_type,
-        "duration_s": _round(record.duration_s),
-        "ttft_s": _round(record.ttft_s),
-        "overhead_s": _round(record.overhead_s),
-        "tokens": tokens,
-        "tokens_source": tokens_source(record),
-        "cost_usd": float(record.cost_usd) if record.cost_usd is not None else None,
-        "price_version": record.price_version or None,
-    }
-    return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    tokens, source = _tokens(record)
+    error_type = record.error_type
+    cost = record.cost_usd
+    return _encode(
+        {
+            "time": iso_utc(finished),
+            "level": "info" if error_type is None else level_of(record),
+            "event": "llm_call",
+            "request_id": record.request_id,
+            "trace_id": record.trace_id,
+            "span_id": record.span_id,
+            "tenant": record.tenant,
+            "upstream": record.upstream,
+            "provider": record.provider or None,
+            "operation": record.operation,
+            "model": record.model,
+            "request_model": record.request_model,
+            "response_model": record.response_model,
+            "method": record.method,
+            "stream": record.stream,
+            "status": record.status,
+            "error_type": error_type,
+            "duration_s": _round(record.duration_s),
+            "ttft_s": _round(record.ttft_s),
+            "overhead_s": _round(record.overhead_s),
+            "tokens": tokens,
+            "tokens_source": source,
+            "cost_usd": float(cost) if cost is not None else None,
+            "price_version": record.price_version or None,
+        }
+    )
 
 
 # -- the sink -------------------------------------------------------------------------
@@ -259,11 +295,20 @@ class CallLogSink(QueueSink):
         await super().start()
 
     async def handle(self, records: list[CallRecord]) -> None:
-        """Format a batch and write it from the writer thread."""
-        text = "".join(to_log_line(record) + "\n" for record in records)
+        """Format a batch and write it from the writer thread; after a small one, linger.
+
+        Each hand-off to the thread (a future, a wake-up of the thread, a wake-up of the
+        loop when it is done) costs more than formatting a line. At a few calls per
+        millisecond the worker would hand over nearly every line on its own, so after a
+        batch well under the limit it waits :data:`LINGER` seconds and the next batch
+        takes what came meanwhile; at high rates batches are full and it never waits.
+        """
+        text = "\n".join(map(to_log_line, records)) + "\n"
         assert self._executor is not None, "start() first"
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._write, text, len(records))
+        if len(records) < self._batch // 2:
+            await asyncio.sleep(LINGER)
 
     def _write(self, text: str, count: int) -> None:
         try:

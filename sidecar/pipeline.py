@@ -10,15 +10,21 @@ thread; a full estimation queue sends the record on unestimated and counts it as
 
 Each sink has its own bounded queue (see :mod:`sidecar.sinks`); a sink that refuses a
 record is counted in ``llm_sink_dropped_total{sink}``.
+
+The pipeline takes each submitted record over: it fills in the fields only it knows
+(``estimated``, ``cost_usd``, ``price_model``, ``price_version``) on that object before
+any sink sees it, rather than copying a forty-field record with
+:func:`dataclasses.replace` once or twice per call. That is the last step of building
+the record, not a change to a published one: from the first :meth:`Sink.offer` on,
+nothing touches it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -37,12 +43,14 @@ class EstimateRequest:
     """What to count locally for a call whose usage was (partly) not reported.
 
     The request body is kept as bytes and only parsed for prompt text in the
-    estimation thread, so the request path never parses it twice.
+    estimation thread, so the request path never parses it twice. ``output_text`` may
+    be a function that builds the text (a stream's
+    :attr:`~sidecar.providers.ResponseInfo.text`): it is called in that thread too.
     """
 
     shape: Shape
     request_body: bytes | None  # None when input tokens were reported
-    output_text: str | None  # None when output tokens were reported
+    output_text: str | Callable[[], str] | None  # None when output tokens were reported
 
 
 class Pipeline:
@@ -68,7 +76,11 @@ class Pipeline:
 
     # --- the request path -------------------------------------------------------
     def submit(self, record: CallRecord, estimate: EstimateRequest | None = None) -> None:
-        """Hand one finished call on; returns at once."""
+        """Hand one finished call on; returns at once.
+
+        The record becomes the pipeline's (see the module docstring): the caller does
+        not use it afterwards.
+        """
         self.submitted += 1
         if estimate is not None:
             try:
@@ -76,30 +88,33 @@ class Pipeline:
                 return
             except asyncio.QueueFull:
                 self.metrics.sink_dropped.labels("estimator").inc()
-        self._dispatch(self._priced(record))
+        self._dispatch(self._priced(record, estimated=False))
 
     # --- internals --------------------------------------------------------------
-    def _priced(self, record: CallRecord) -> CallRecord:
-        usage = record.effective_usage()
+    def _priced(self, record: CallRecord, estimated: bool = True) -> CallRecord:
+        """The record with its price fields filled in (in place: no sink has it yet).
+
+        ``estimated`` False says ``record.estimated`` is empty (no estimate was asked
+        for), so the reported usage is the effective one.
+        """
+        usage = record.effective_usage() if estimated else record.usage
+        _fill(record, "price_version", self.prices.version)
         if usage.is_empty():
-            return dataclasses.replace(record, price_version=self.prices.version)
+            return record
         model = record.model
         match = self.prices.lookup(model)
         if match is None:
             self._log_once(
                 logging.WARNING, model, "no price for model %r: its calls are counted as unpriced", model
             )
-            return dataclasses.replace(record, price_version=self.prices.version)
+            return record
         if match.kind != "exact":
             self._log_once(
                 logging.INFO, model, "model %r priced as %r (%s match)", model, match.name, match.kind
             )
-        return dataclasses.replace(
-            record,
-            cost_usd=cost(usage, match.price, record.service_tier),
-            price_model=match.name,
-            price_version=self.prices.version,
-        )
+        _fill(record, "cost_usd", cost(usage, match.price, record.service_tier))
+        _fill(record, "price_model", match.name)
+        return record
 
     def _log_once(self, level: int, model: str, message: str, *args: object) -> None:
         if model not in self._logged_models and len(self._logged_models) < 10_000:
@@ -117,8 +132,12 @@ class Pipeline:
                 self.metrics.sink_dropped.labels(sink.name).inc()
 
     def _estimate(self, record: CallRecord, request: EstimateRequest) -> Usage:
+        """Runs in the estimation thread: parse the prompt, build the output text, count."""
         prompt = request.shape.prompt_text(request.request_body) if request.request_body is not None else None
-        return self.estimator.estimate(record.model, prompt, request.output_text)
+        output = request.output_text
+        if output is not None and not isinstance(output, str):
+            output = output()
+        return self.estimator.estimate(record.model, prompt, output)
 
     async def _run_estimates(self) -> None:
         loop = asyncio.get_running_loop()
@@ -126,7 +145,7 @@ class Pipeline:
             record, request = await self._estimates.get()
             try:
                 estimated = await loop.run_in_executor(self._executor, self._estimate, record, request)
-                record = dataclasses.replace(record, estimated=estimated)
+                _fill(record, "estimated", estimated)
             except asyncio.CancelledError:
                 self._dispatch(self._priced(record))
                 self._estimates.task_done()
@@ -163,3 +182,13 @@ class Pipeline:
             except Exception:
                 log.exception("sink %s failed to stop cleanly", sink.name)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _fill(record: CallRecord, name: str, value: object) -> None:
+    """Set one of the fields the pipeline owns on a record no sink has seen yet.
+
+    ``CallRecord`` is frozen so that nothing changes it once it is published; the
+    pipeline is the one place that completes it before publishing (see the module
+    docstring), and does so without a copy.
+    """
+    object.__setattr__(record, name, value)

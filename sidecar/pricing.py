@@ -147,17 +147,36 @@ class Price:
     long_context: LongContext | None = None
     tiers: Mapping[str, Tier] = field(default_factory=dict, hash=False)
     aliases: tuple[str, ...] = ()
+    # The Rates of each (tier, long context or not, tier's long context or not) seen so
+    # far: a few per model, computed once (cost() runs for every priced call).
+    _rates: dict[tuple[str | None, bool, bool], Rates] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def rates(self, input_tokens: int = 0, service_tier: str | None = None) -> Rates:
         """The prices that apply to a call with this many input tokens and this service tier."""
+        long_context = self.long_context
+        tier = self.tiers.get(service_tier) if service_tier is not None else None
+        key = (
+            service_tier if tier is not None else None,
+            long_context is not None and input_tokens > long_context.above,
+            tier is not None and tier.long_context is not None and input_tokens > tier.long_context.above,
+        )
+        rates = self._rates.get(key)
+        if rates is None:
+            if len(self._rates) >= 64:  # tiers come from responses: keep the memo small
+                self._rates.clear()
+            rates = self._rates[key] = self._compute_rates(tier, key[1], key[2])
+        return rates
+
+    def _compute_rates(self, tier: Tier | None, long_context: bool, tier_long_context: bool) -> Rates:
         values: dict[str, Decimal | None] = {name: getattr(self, name) for name in _RATE_FIELDS}
         blocks: list[LongContext | Tier] = []
-        if self.long_context is not None and input_tokens > self.long_context.above:
+        if long_context and self.long_context is not None:
             blocks.append(self.long_context)
-        tier = self.tiers.get(service_tier) if service_tier is not None else None
         if tier is not None:
             blocks.append(tier)
-            if tier.long_context is not None and input_tokens > tier.long_context.above:
+            if tier_long_context and tier.long_context is not None:
                 blocks.append(tier.long_context)
         for block in blocks:
             for name in _RATE_FIELDS:

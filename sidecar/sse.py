@@ -14,6 +14,13 @@ block, a block with no ``data`` field, surplus blank lines at the end of the str
 those have ``data == ""``. Extra blank lines between events belong to the ``raw`` of
 the event that follows them.
 
+Framing and decoding are separate steps, because a caller usually needs the fields of
+only a few events: :meth:`SSEDecoder.feed` only finds where each event ends (one
+``bytes.find`` per event in a stream without CRs, no per-line Python work), and an
+event's fields are decoded from its ``raw`` the first time :attr:`Event.event` or
+:attr:`Event.data` is read. A caller that can tell from ``raw`` alone that an event
+carries nothing it needs never pays for decoding it.
+
 Memory is bounded by ``max_event_bytes``: a block larger than that is not decoded and
 :attr:`SSEDecoder.oversized` is incremented. Its bytes still come back, in data-less
 events, as soon as they arrive (so a forwarding caller passes them on and the decoder
@@ -25,68 +32,143 @@ Pure module: standard library only, no I/O, no clock.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 __all__ = ["Event", "SSEDecoder"]
 
-# One line ending. At the very end of the buffer a lone "\r" matches even when the
-# next chunk will start with "\n"; the decoder remembers that case (_pending_cr).
+# One line ending. At the very end of the buffer a lone "\r" matches even when the next
+# chunk will start with "\n": the event then ends there, and that "\n" leads the next
+# event, where a leading blank line means nothing (the result is the same as reading
+# "\r" + "\n" as one line ending, which the WHATWG rules ask for).
 _EOL = re.compile(rb"\r\n|\r|\n")
+# Blank lines before an event's first field line.
+_LEADING = re.compile(rb"[\r\n]*")
+# The longest event end ("\r\n\r\n") minus one: how far back a search resumes in the next chunk.
+_RESUME = 3
 _CR = 0x0D
 _LF = 0x0A
 _BOM = b"\xef\xbb\xbf"
+# Event._todo: what is left to do before its fields can be read.
+_DECODED = 0
+_DECODE = 1
+_BOM_DECODE = 2
 
 
-@dataclass(frozen=True, slots=True)
 class Event:
-    """One decoded server-sent event.
+    """One server-sent event.
 
-    ``event`` is the value of the ``event:`` field (``None`` when absent), ``data`` the
-    ``data:`` lines joined with ``"\\n"`` (one leading space after the colon removed),
-    ``raw`` the exact bytes of the event as received, terminating blank line included.
+    ``raw`` is the exact bytes of the event as received, terminating blank line
+    included. ``event`` is the value of the ``event:`` field (``None`` when absent),
+    ``data`` the ``data:`` lines joined with ``"\\n"`` (one leading space after the
+    colon removed); both are decoded from ``raw`` on first access.
     """
 
-    event: str | None
-    data: str
-    raw: bytes
+    __slots__ = ("_data", "_event", "_todo", "raw")
+
+    def __init__(self, raw: bytes, decode: bool = True, bom: bool = False) -> None:
+        self.raw = raw
+        if decode:
+            # Fields are decoded on first access (dropping a UTF-8 BOM when the event
+            # starts the stream).
+            self._todo = _BOM_DECODE if bom else _DECODE
+        else:  # a data-less event (oversized, or only blank lines)
+            self._todo = _DECODED
+            self._event: str | None = None
+            self._data = ""
+
+    @property
+    def event(self) -> str | None:
+        """The ``event:`` field (the last one wins), or None."""
+        if self._todo:
+            self._decode()
+        return self._event
+
+    @property
+    def data(self) -> str:
+        """The ``data:`` lines joined with newlines (invalid UTF-8 replaced), or ``""``."""
+        if self._todo:
+            self._decode()
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Event(event={self.event!r}, data={self.data!r}, raw={self.raw!r})"
+
+    def _decode(self) -> None:
+        raw = self.raw
+        lines = _EOL.split(raw) if _CR in raw else raw.split(b"\n")
+        event: str | None = None
+        data: list[bytes] = []
+        bom = self._todo == _BOM_DECODE
+        for line in lines:
+            if not line:
+                continue  # a blank line: before the first field, or the terminating one
+            if bom:
+                bom = False
+                if line.startswith(_BOM):
+                    line = line[len(_BOM) :]
+            if line.startswith(b"data"):
+                if line.startswith(b"data: "):
+                    data.append(line[6:])
+                    continue
+                if line.startswith(b"data:"):
+                    data.append(line[5:])
+                    continue
+            colon = line.find(b":")
+            if colon == 0:
+                continue  # comment
+            if colon < 0:
+                name, value = line, b""
+            else:
+                name = line[:colon]
+                value = line[colon + 2 :] if line[colon + 1 : colon + 2] == b" " else line[colon + 1 :]
+            if name == b"data":
+                data.append(value)
+            elif name == b"event":
+                event = value.decode("utf-8", "replace")
+            # "id", "retry" and unknown fields carry nothing the sidecar uses.
+        self._event = event
+        self._data = b"\n".join(data).decode("utf-8", "replace") if data else ""
+        self._todo = _DECODED
+
+
+def _end_of_event(data: bytes | bytearray, scan: int) -> int:
+    """The end of the first blank line that follows a line ending at or after ``scan``, or -1.
+
+    For data holding a CR. If ``scan`` is at the LF of a CRLF pair, the LF is taken as a
+    line ending of its own; that only matters when a line ending follows it, and then
+    the event ends at the same place either way.
+    """
+    search = _EOL.search
+    match = _EOL.match
+    while (found := search(data, scan)) is not None:
+        scan = found.end()
+        blank = match(data, scan)
+        if blank is not None:
+            return blank.end()
+    return -1
 
 
 class SSEDecoder:
     """Turns a stream of byte chunks into :class:`Event` objects, one block at a time.
 
     ``feed`` returns the events completed by a chunk; ``flush`` returns what is left at
-    the end of the stream. Work per chunk is one regular-expression search per line
-    (no per-byte Python loop; each byte is searched once however the stream is split)
-    and the pending block is the only state kept.
+    the end of the stream. Finding an event's end is one ``bytes.find`` for streams
+    without a CR (a regular-expression search per line for those with one), and each
+    byte is searched about once however the stream is split: a search resumes where the
+    last one stopped. A chunk holding whole events is cut into them without being copied
+    into the buffer; only an incomplete trailing event is kept. Fields are decoded
+    lazily (see :class:`Event`).
     """
 
-    __slots__ = (
-        "_buf",
-        "_data",
-        "_discarding",
-        "_event",
-        "_first_line",
-        "_in_block",
-        "_line_carry",
-        "_max",
-        "_pending_cr",
-        "_pos",
-        "_scan",
-        "oversized",
-    )
+    __slots__ = ("_buf", "_cr", "_discarding", "_first", "_lead", "_max", "_scan", "oversized")
 
     def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
         self._max = max_event_bytes
         self._buf = bytearray()  # bytes not yet handed out in an event
-        self._pos = 0  # start of the first line in _buf not yet decoded
-        self._scan = 0  # where to search for the next line ending (_buf[_pos:_scan] has none)
-        self._pending_cr = False  # the last line ended with a "\r" at the end of the buffer
-        self._in_block = False  # a non-blank line of the current block was seen
-        self._line_carry = False  # bytes of the current line were already handed out (oversized)
-        self._discarding = False  # the current block exceeded max_event_bytes
-        self._first_line = True  # for the optional UTF-8 BOM at the start of the stream
-        self._event: str | None = None
-        self._data: list[bytes] = []
+        self._cr = False  # _buf may hold a "\r" (then line endings need the slow search)
+        self._lead = -1  # end of the pending event's leading blank lines in _buf (-1: not known)
+        self._scan = 0  # where to resume searching for the pending event's end
+        self._discarding = False  # the pending block exceeded max_event_bytes
+        self._first = True  # no event with a field line yet (for the optional UTF-8 BOM)
         #: Number of events discarded because they exceeded ``max_event_bytes``.
         self.oversized = 0
 
@@ -95,50 +177,89 @@ class SSEDecoder:
         if not chunk:
             return []
         buf = self._buf
-        buf += chunk
-        pos = self._pos
-        if self._pending_cr:
-            # The "\r" that ended the previous chunk and this "\n" are one line ending.
-            self._pending_cr = False
-            if buf[pos] == _LF:
-                pos += 1
+        cr = _CR in chunk
+        if not (buf or cr or self._discarding) and chunk[0] != _LF:
+            # The usual case: the chunk is exactly one whole event, nothing pending.
+            size = len(chunk)
+            if chunk.find(b"\n\n") == size - 2 >= 0 and size <= self._max:
+                event = Event(chunk, bom=self._first)
+                self._first = False
+                return [event]
+        data: bytes | bytearray
+        if buf:
+            buf += chunk
+            data = buf
+            cr = cr or self._cr
+        else:
+            data = chunk  # the usual case: nothing pending, cut the chunk itself
+        size = len(data)
         events: list[Event] = []
-        start = 0  # start of the current event's raw bytes in buf
-        size = len(buf)
-        search = _EOL.search
-        # A long line arriving in many chunks is searched once, not once per chunk.
-        scan = max(pos, self._scan)
-        while (match := search(buf, scan)) is not None:
-            eol, nxt = match.span()
-            if nxt == size and buf[eol] == _CR and nxt - eol == 1:
-                self._pending_cr = True
-            if eol == pos and not self._line_carry:
-                if self._in_block:
-                    if not self._discarding and nxt - start > self._max:
-                        self.oversized += 1  # arrived whole in one chunk: still not decoded
-                        self._discarding = True
-                    events.append(self._dispatch(bytes(buf[start:nxt])))
-                    start = nxt
-                # else: a blank line before any field; it travels with the next event.
+        start = 0  # start of the pending event's raw bytes in data
+        scan = self._scan
+        lead = self._lead
+        while start < size:
+            if lead < 0 and not self._discarding:
+                first = data[start]
+                lead = start
+                if first in (_LF, _CR):
+                    leading = _LEADING.match(data, start)
+                    lead = leading.end() if leading is not None else start
+                if lead == size:  # only blank lines so far: they travel with the next event
+                    lead = -1
+                    break
+                scan = lead
+            if cr:
+                end = _end_of_event(data, scan)
+                if end < 0:
+                    break
             else:
-                self._line_carry = False
-                self._in_block = True
+                end = data.find(b"\n\n", scan)
+                if end < 0:
+                    break
+                end += 2
+            if type(data) is bytes:
+                raw = data if start == 0 and end == size else data[start:end]
+            else:
+                raw = bytes(data[start:end])
+            if self._discarding:
+                events.append(Event(raw, decode=False))
+                self._discarding = False
+            elif end - start > self._max:
+                self.oversized += 1  # arrived whole: still not decoded
+                events.append(Event(raw, decode=False))
+            else:
+                events.append(Event(raw, bom=self._first))
+            self._first = False
+            start = scan = end
+            lead = -1
+        if start < size:
+            if lead < 0 and not self._discarding:
+                if size - start > self._max:
+                    # Nothing but blank lines, more than the limit: hand them out as they are.
+                    events.append(Event(bytes(data[start:]), decode=False))
+                    start = size
+            elif self._discarding or size - start > self._max:
                 if not self._discarding:
-                    self._field(buf[pos:eol])
-            pos = scan = nxt
-        if self._discarding or size - start > self._max:
-            if not self._discarding:
-                self._discarding = True
-                self.oversized += 1
-                self._event = None
-                self._data = []
-            # Hand the bytes out now so that memory stays bounded; they are not decoded.
-            events.append(Event(None, "", bytes(buf[start:])))
-            self._line_carry = pos < size
-            start = pos = size
-        del buf[:start]
-        self._pos = pos - start
-        self._scan = size - start
+                    self._discarding = True
+                    self.oversized += 1
+                # Hand the bytes out now so that memory stays bounded; they are not decoded.
+                # The last few stay: with the next chunk they may end the block.
+                keep = size - _RESUME
+                if keep > start:
+                    events.append(Event(bytes(data[start:keep]), decode=False))
+                    start = keep
+                scan = start
+                lead = -1
+            else:
+                if scan < size - _RESUME:
+                    scan = size - _RESUME
+        if data is buf:
+            del buf[:start]
+        elif start < size:
+            buf += data[start:]
+        self._cr = cr and bool(buf)
+        self._scan = scan - start if scan > start else 0
+        self._lead = lead - start if lead >= 0 else -1
         return events
 
     def flush(self) -> list[Event]:
@@ -148,57 +269,17 @@ class SSEDecoder:
         a field line, so a cut event may carry partial ``data``.
         """
         buf = self._buf
-        if not buf:
-            self._reset_block()
-            return []
-        if self._pos < len(buf) and not self._discarding:
-            self._in_block = True
-            self._field(buf[self._pos :])
-        event = self._dispatch(bytes(buf))
-        buf.clear()
-        self._pos = self._scan = 0
-        self._pending_cr = False
-        self._line_carry = False
-        self._reset_block()
-        return [event]
-
-    def _field(self, line: bytearray) -> None:
-        if self._first_line:
-            self._first_line = False
-            if line.startswith(_BOM):
-                line = line[len(_BOM) :]
-        if line.startswith(b"data"):
-            if line.startswith(b"data: "):
-                self._data.append(bytes(line[6:]))
-                return
-            if line.startswith(b"data:"):
-                self._data.append(bytes(line[5:]))
-                return
-        colon = line.find(b":")
-        if colon == 0:
-            return  # comment
-        if colon < 0:
-            name, value = bytes(line), b""
-        else:
-            name = bytes(line[:colon])
-            value = bytes(line[colon + 2 :] if line[colon + 1 : colon + 2] == b" " else line[colon + 1 :])
-        if name == b"data":
-            self._data.append(value)
-        elif name == b"event":
-            self._event = value.decode("utf-8", "replace")
-        # "id", "retry" and unknown fields carry nothing the sidecar uses.
-
-    def _dispatch(self, raw: bytes) -> Event:
-        if self._discarding:
-            event = Event(None, "", raw)
-        else:
-            data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else ""
-            event = Event(self._event, data, raw)
-        self._reset_block()
-        return event
-
-    def _reset_block(self) -> None:
-        self._event = None
-        self._data = []
-        self._in_block = False
+        discarding = self._discarding
+        self._lead = -1
+        self._scan = 0
         self._discarding = False
+        self._cr = False
+        if not buf:
+            return []
+        raw = bytes(buf)
+        buf.clear()
+        if discarding:
+            return [Event(raw, decode=False)]
+        event = Event(raw, bom=self._first)
+        self._first = False
+        return [event]

@@ -9,11 +9,21 @@ span from the finished record with the same ids.
 
 from __future__ import annotations
 
+import os
 import random
+import re
 from dataclasses import dataclass
 
-_HEX = frozenset("0123456789abcdef")
-_rng = random.SystemRandom()
+# version-traceid-parentid-flags, lower-case hex; a later version may append "-..." fields.
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+# Ids need to be unique, not secret: a PRNG seeded from the OS (as OpenTelemetry's own
+# RandomIdGenerator does) costs no system call per id, unlike SystemRandom. Reseeded in
+# a forked child so that two processes never share a sequence.
+_rng = random.Random(os.urandom(32))
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: _rng.seed(os.urandom(32)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,24 +41,17 @@ class SpanIds:
         return f"00-{self.trace_id}-{self.span_id}-{'01' if self.sampled else '00'}"
 
 
-def _is_hex(value: str, length: int) -> bool:
-    return len(value) == length and set(value) <= _HEX and value != "0" * length
-
-
 def parse_traceparent(value: str | None) -> tuple[str, str, bool] | None:
     """``(trace_id, parent_span_id, sampled)`` from a header value, or None if invalid."""
     if not value:
         return None
-    parts = value.strip().lower().split("-")
-    version = parts[0]
-    if len(parts) < 4 or len(version) != 2 or not set(version) <= _HEX or version == "ff":
+    found = _TRACEPARENT.fullmatch(value.strip().lower())
+    if found is None:
         return None
-    if version == "00" and len(parts) != 4:
+    version, trace_id, span_id, flags, rest = found.groups()
+    if version == "ff" or (version == "00" and rest is not None):
         return None
-    trace_id, span_id, flags = parts[1], parts[2], parts[3]
-    if not (_is_hex(trace_id, 32) and _is_hex(span_id, 16)):
-        return None
-    if len(flags) != 2 or not set(flags) <= _HEX:
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
     return trace_id, span_id, bool(int(flags, 16) & 1)
 

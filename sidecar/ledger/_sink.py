@@ -25,9 +25,17 @@ Committed rows and appended journal lines survive a process kill; fsync (SQLite
 ``synchronous=FULL``, ``journal_fsync``) extends that to a power loss.
 
 Exactly once: each record gets a ``call_id`` when it is offered; a row is inserted
-with ``INSERT OR IGNORE``, so replaying a journal line whose row is already in the
-database (a replay cut short, a batch that both committed and spilled) inserts
-nothing.
+with ``ON CONFLICT (call_id) DO NOTHING``, so replaying a journal line whose row is
+already in the database (a replay cut short, a batch that both committed and
+spilled) inserts nothing.
+
+A row the database would refuse (a value SQLite cannot store: an integer past 64
+bits, text that is not UTF-8, a required value missing; or a constraint it breaks)
+is one bad record, not a database failure: it is left out, counted
+(``llm_ledger_rows_rejected_total``) and logged with its ``call_id`` and the reason,
+and the rest of its batch is stored. It never makes the ledger retry the batch,
+spill everything to the journal or stop writing; a journal line holding such a row
+is rejected the same way on replay.
 
 One sidecar per data directory: :meth:`Ledger.start` takes an exclusive lock on
 ``ledger.lock`` and fails when another process holds it.
@@ -59,9 +67,9 @@ from prometheus_client.registry import Collector
 from sidecar.errors import SidecarError
 from sidecar.ledger._journal import Journal, journal_line
 from sidecar.ledger._query import Totals, connect_readonly, read_rows, totals
-from sidecar.ledger._schema import Row, row_to_record, to_row
+from sidecar.ledger._schema import Row, row_problem, row_to_record, to_row
 from sidecar.ledger._settings import LedgerSettings
-from sidecar.ledger._store import Store
+from sidecar.ledger._store import Rejected, Store
 from sidecar.model import CallRecord
 
 __all__ = ["DB_NAME", "JOURNAL_NAME", "LOCK_NAME", "Ledger", "LedgerLockedError", "LedgerStatus"]
@@ -76,6 +84,7 @@ _BACKOFF_MIN = 0.5
 _BACKOFF_MAX = 30.0
 _PRUNE_CHUNK = 5000
 _REPLAY_EVERY = 5.0
+_REJECTS_LOGGED = 100  # rejected rows logged one by one; past that, one line per 1000
 
 _Entry = tuple[str, CallRecord]
 
@@ -106,6 +115,7 @@ class LedgerStatus:
     lost: int
     backlog: int
     journal_pending: bool
+    rejected: int = 0
 
 
 class _Collector(Collector):
@@ -131,6 +141,11 @@ class _Collector(Collector):
             ),
             ("llm_ledger_journal_errors", "Failed appends to the ledger journal", s.journal_errors),
             ("llm_ledger_pruned", "Rows deleted from the ledger by the retention", s.pruned),
+            (
+                "llm_ledger_rows_rejected",
+                "Records the ledger database refused (a value it cannot store); left out and logged",
+                s.rejected,
+            ),
             (
                 "llm_ledger_lost",
                 "Records lost because neither the database nor the journal could take them",
@@ -204,6 +219,7 @@ class Ledger:
         self.journal_errors = 0
         self.pruned = 0
         self.lost = 0
+        self.rejected = 0
         self._settled = 0  # records now in the database or the journal (or lost)
         if registry is not None:
             registry.register(_Collector(self))
@@ -273,6 +289,7 @@ class Ledger:
                 lost=self.lost,
                 backlog=self.accepted - self._settled,
                 journal_pending=self._journal_pending,
+                rejected=self.rejected,
             )
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -360,15 +377,19 @@ class Ledger:
             self._writer_drained = True
         if not entries:
             return
+        lines, rejected = self._journal_lines(entries)
+        self._reject(rejected, settle=True)
+        if not lines:
+            return
         try:
-            self.journal.append([journal_line(to_row(record, call_id)) for call_id, record in entries])
+            self.journal.append(lines)
         except OSError as exc:
             with self._lock:
-                self._lose(len(entries), f"journal unwritable at shutdown: {exc}")
+                self._lose(len(lines), f"journal unwritable at shutdown: {exc}")
             return
         with self._lock:
-            self.spilled += len(entries)
-            self._settled += len(entries)
+            self.spilled += len(lines)
+            self._settled += len(lines)
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every record offered so far is in the database or the journal."""
@@ -423,6 +444,8 @@ class Ledger:
             with self._lock:
                 self._db_ok = False
                 self._db_error = "writer crashed"
+                self._overflow.extend(self._in_flight)  # a replay skips what did commit
+                self._in_flight = ()
                 self._overflow.extend(self._queue)
                 self._queue.clear()
                 self._writer_drained = True
@@ -484,6 +507,12 @@ class Ledger:
                 next_prune = now + settings.prune_interval
                 pruned = self._prune(store)
                 pruning = pruned >= _PRUNE_CHUNK  # more to do: one chunk per round, batches go between
+            if store is None and next_open <= now:
+                # The database failed in this round (a write or a replay): reopening it at once
+                # could succeed (an open may need no new space) and report it healthy while every
+                # write still fails, so the next try waits for the backoff like a failed open.
+                next_open = now + backoff
+                backoff = min(backoff * 2, _BACKOFF_MAX)
 
             if stopping:
                 with self._lock:
@@ -546,7 +575,13 @@ class Ledger:
         if store is None:
             self._spill(batch)
             return None
-        rows = [to_row(record, call_id) for call_id, record in batch]
+        rows: list[Row] = []
+        rejected: list[Rejected] = []
+        for call_id, record in batch:
+            try:
+                rows.append(to_row(record, call_id))
+            except Exception as exc:  # to_row is pure: a record it cannot map (an absurd time)
+                rejected.append(Rejected(call_id, f"no row for the record ({type(exc).__name__}: {exc})"))
         try:
             inserted = store.insert(rows)
         except (sqlite3.Error, OSError) as exc:
@@ -556,11 +591,47 @@ class Ledger:
             self._db_down(str(exc))
             self._spill(batch)
             return None
+        self._reject([*rejected, *inserted.rejected], settle=True)
         with self._lock:
-            self.rows_written += inserted
+            self.rows_written += inserted.new
             self.batches_written += 1
-            self._settled += len(batch)
+            self._settled += len(rows) - len(inserted.rejected)
         return store
+
+    def _reject(self, rejected: Sequence[Rejected], settle: bool = False) -> None:
+        """Count and log rows the database refused (``settle``: they were records still owed)."""
+        if not rejected:
+            return
+        with self._lock:
+            first = self.rejected
+            self.rejected += len(rejected)
+            if settle:
+                self._settled += len(rejected)
+        for n, (call_id, reason) in enumerate(rejected, first + 1):
+            if n <= _REJECTS_LOGGED or n % 1000 == 0:
+                log.error(
+                    "ledger row %s rejected (%s); the other rows are stored (%d rejected so far)",
+                    call_id,
+                    reason,
+                    n,
+                )
+
+    def _journal_lines(self, entries: Sequence[_Entry]) -> tuple[list[str], list[Rejected]]:
+        """Journal lines of the entries, leaving out (and returning) rows the database would refuse."""
+        lines: list[str] = []
+        rejected: list[Rejected] = []
+        for call_id, record in entries:
+            try:
+                row = to_row(record, call_id)
+            except Exception as exc:  # to_row is pure: a record it cannot map (an absurd time)
+                rejected.append(Rejected(call_id, f"no row for the record ({type(exc).__name__}: {exc})"))
+                continue
+            problem = row_problem(row)
+            if problem is not None:
+                rejected.append(Rejected(call_id, problem))
+                continue
+            lines.append(journal_line(row))
+        return lines, rejected
 
     def _spill(self, entries: Iterable[_Entry]) -> None:
         with self._lock:
@@ -579,6 +650,7 @@ class Ledger:
                 self._journal_pending = False
                 return store
             inserted = duplicates = bad = 0
+            rejected: list[Rejected] = []
             try:
                 chunk: list[Row] = []
                 for row in Journal.read(path):
@@ -587,11 +659,15 @@ class Ledger:
                         continue
                     chunk.append(row)
                     if len(chunk) >= 1000:
-                        new = store.insert(chunk)
-                        inserted, duplicates = inserted + new, duplicates + len(chunk) - new
+                        done = store.insert(chunk)
+                        rejected.extend(done.rejected)
+                        inserted += done.new
+                        duplicates += len(chunk) - done.new - len(done.rejected)
                         chunk = []
-                new = store.insert(chunk)
-                inserted, duplicates = inserted + new, duplicates + len(chunk) - new
+                done = store.insert(chunk)
+                rejected.extend(done.rejected)
+                inserted += done.new
+                duplicates += len(chunk) - done.new - len(done.rejected)
             except (sqlite3.Error, OSError) as exc:
                 with self._lock:
                     self.write_errors += 1
@@ -609,10 +685,13 @@ class Ledger:
                 self.replayed += inserted
                 self.replay_duplicates += duplicates
                 self.journal_bad_lines += bad
+            self._reject(rejected)  # settled when they were journaled
             log.info(
-                "ledger journal replayed: %d rows inserted, %d already present, %d unreadable lines",
+                "ledger journal replayed: %d rows inserted, %d already present, %d rejected, "
+                "%d unreadable lines",
                 inserted,
                 duplicates,
+                len(rejected),
                 bad,
             )
         return store
@@ -656,8 +735,15 @@ class Ledger:
                 self._overflow.clear()
             if not entries:
                 return
+            lines, rejected = self._journal_lines(entries)
+            if rejected:
+                self._reject(rejected, settle=True)
+                rejected_ids = {call_id for call_id, _ in rejected}
+                entries = [entry for entry in entries if entry[0] not in rejected_ids]
+                if not entries:
+                    continue
             try:
-                self.journal.append([journal_line(to_row(record, call_id)) for call_id, record in entries])
+                self.journal.append(lines)
             except OSError as exc:
                 with self._lock:
                     self.journal_errors += 1

@@ -66,7 +66,9 @@ Checklist for adding a provider shape:
 1. Record real payloads (JSON, SSE, an error) into the shared fixtures with a meta file.
 2. Write a module here with a class that satisfies :class:`Shape` (``provider``,
    ``operation``, ``path_suffix`` and the five methods; never raise on bad input) and a
-   :class:`StreamObserver` subclass whose ``_observe`` parses only the events it needs.
+   :class:`StreamObserver` subclass whose ``_observe`` parses only the events it needs
+   (content events, once content was seen, are told apart by their bytes and kept
+   unparsed) and whose ``_text_of`` gives the text of a kept event, read lazily.
 3. Add its rows to the usage table above, including what is *not* reported.
 4. Decide and document which stream events count as generated content.
 5. Register the instance in :data:`SHAPES`; check :func:`detect` does not shadow

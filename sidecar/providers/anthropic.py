@@ -21,12 +21,15 @@ Pure module: no I/O.
 
 from __future__ import annotations
 
+import re
+from functools import partial
 from typing import ClassVar
 
 from sidecar.model import Usage
 from sidecar.providers.base import (
     UNPARSED_REQUEST,
     UNPARSED_RESPONSE,
+    LazyText,
     PromptText,
     RequestInfo,
     ResponseInfo,
@@ -35,9 +38,12 @@ from sidecar.providers.base import (
     count,
     join_text,
     load_object,
+    loads,
     lst,
+    may_hide_keys,
     obj,
     path,
+    plain_data_event,
     string,
     to_json,
 )
@@ -99,6 +105,14 @@ def _add_block_text(parts: list[str], block: object) -> None:
         parts.append(string(path(block, "thinking")) or "")
 
 
+def _message_text(message: dict[str, object], text: TextCollector) -> None:
+    """Generated text of a message: its content blocks (thinking included: billed as output)."""
+    parts: list[str] = []
+    for block in lst(message.get("content")):
+        _add_block_text(parts, block)
+    text.add("".join(parts))
+
+
 class MessagesShape:
     """``POST /v1/messages``: the Messages API (``/v1/messages/count_tokens`` is not it)."""
 
@@ -144,11 +158,6 @@ class MessagesShape:
         if message is None:
             return UNPARSED_RESPONSE
         usage = obj(message.get("usage"))
-        parts: list[str] = []
-        for block in lst(message.get("content")):
-            _add_block_text(parts, block)
-        text = TextCollector()
-        text.add("".join(parts))
         stop = string(message.get("stop_reason"))
         return ResponseInfo(
             usage=messages_usage(_usage_fields(usage, with_output=True)) if usage is not None else Usage(),
@@ -157,7 +166,7 @@ class MessagesShape:
             finish_reasons=(stop,) if stop else (),
             service_tier=string(path(usage, "service_tier")),
             complete=True,
-            output_text=text.value(),
+            text=LazyText(partial(_message_text, message)),
             malformed=False,
         )
 
@@ -168,16 +177,58 @@ class MessagesShape:
 
 #: Events that carry nothing the observer needs: skipped without parsing.
 _SKIP = frozenset({"ping", "content_block_start", "content_block_stop", "error"})
+#: The bytes a plain content delta starts with (``event:`` line, then its one ``data:`` line).
+_DELTA_LINE = b"event: content_block_delta\n"
+#: What makes a content delta worth parsing once content was seen: anything that could
+#: make it more than a delta (a ``usage``, a ``stop_reason``, a ``message...`` key or
+#: type), or a key that a byte search cannot see.
+_DELTA_NEEDS_PARSE = re.compile(rb'"(?:usage"|stop_reason"|message)')
+
+
+def _messages_text(event: Event, text: TextCollector) -> None:
+    """Generated text of a content delta: text, tool input JSON and thinking (billed as output)."""
+    parsed = loads(event.data) if event.data else None
+    if not isinstance(parsed, dict):
+        return
+    if (string(parsed.get("type")) or event.event) != "content_block_delta":
+        return
+    delta = obj(parsed.get("delta"))
+    delta_type = path(delta, "type")
+    if delta_type == "text_delta":
+        text.add(string(path(delta, "text")) or "")
+    elif delta_type == "input_json_delta":
+        text.add(string(path(delta, "partial_json")) or "")
+    elif delta_type == "thinking_delta":
+        text.add(string(path(delta, "thinking")) or "")
 
 
 class MessagesStreamObserver(StreamObserver):
-    """Observer of a Messages event stream; ``message_stop`` ends it."""
+    """Observer of a Messages event stream; ``message_stop`` ends it.
+
+    Parsed: ``message_start``, ``message_delta``, content deltas until the first one
+    with content, and any event whose name is missing or not one of the known ones.
+    Later content deltas that are a plain ``event:`` + ``data:`` pair with nothing
+    else of interest in their bytes are kept for the text only.
+    """
 
     def __init__(self, strip_usage_chunk: bool = False) -> None:
         super().__init__(strip_usage_chunk)
         self._fields: dict[str, int] = {}
 
+    def _text_of(self, event: Event, text: TextCollector) -> None:
+        _messages_text(event, text)
+
     def _observe(self, event: Event, final: bool) -> bool:
+        if self.saw_content:
+            raw = event.raw
+            if (
+                raw.startswith(_DELTA_LINE)
+                and plain_data_event(raw, len(_DELTA_LINE))
+                and _DELTA_NEEDS_PARSE.search(raw) is None
+                and not may_hide_keys(raw)
+            ):
+                self._keep(event)
+                return True
         data = event.data
         kind = event.event
         if not data or kind in _SKIP:
@@ -190,16 +241,10 @@ class MessagesStreamObserver(StreamObserver):
             return True
         kind = string(parsed.get("type")) or kind
         if kind == "content_block_delta":
-            delta = obj(parsed.get("delta"))
-            delta_type = path(delta, "type")
-            if delta_type == "text_delta":
-                self.saw_content = True
-                self._text.add(string(path(delta, "text")) or "")
-            elif delta_type == "input_json_delta":
-                self.saw_content = True
-                self._text.add(string(path(delta, "partial_json")) or "")
-            elif delta_type == "thinking_delta":
-                self._text.add(string(path(delta, "thinking")) or "")
+            if not self.saw_content:
+                delta_type = path(parsed.get("delta"), "type")
+                self.saw_content = delta_type == "text_delta" or delta_type == "input_json_delta"
+            self._keep(event)
         elif kind == "message_start":
             message = obj(parsed.get("message"))
             if message is not None:

@@ -14,7 +14,10 @@ Pure module: standard library and :mod:`sidecar.model` / :mod:`sidecar.sse` only
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 from sidecar.model import Usage
@@ -22,6 +25,10 @@ from sidecar.sse import Event, SSEDecoder
 
 #: Generated text kept per response for local estimation (characters).
 MAX_OUTPUT_CHARS = 1_000_000
+#: Bytes of a stream's content events kept per response to rebuild its text lazily.
+#: Past this, the text of later events is extracted as they arrive (see
+#: :class:`StreamObserver`), so memory per stream stays bounded.
+MAX_KEPT_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +67,11 @@ class ResponseInfo:
 
     ``usage`` holds reported counts only (``None`` where not reported). ``complete``
     is True when a stream's terminal event was seen (for a JSON body: when it parsed).
-    ``output_text`` is the generated text seen, capped at :data:`MAX_OUTPUT_CHARS`.
-    ``malformed`` is True when JSON that could not be parsed was seen.
+    ``text`` is the generated text seen, capped at :data:`MAX_OUTPUT_CHARS`, or (for a
+    stream) a function that builds it from the events kept: the text is needed only
+    when the upstream reported no output tokens, so it is built then, by whoever needs
+    it (the estimator thread), never on the request path. :attr:`output_text` gives
+    it either way. ``malformed`` is True when JSON that could not be parsed was seen.
     """
 
     usage: Usage
@@ -70,8 +80,14 @@ class ResponseInfo:
     finish_reasons: tuple[str, ...]
     service_tier: str | None
     complete: bool
-    output_text: str
+    text: str | Callable[[], str]
     malformed: bool
+
+    @property
+    def output_text(self) -> str:
+        """The generated text (built on first use for a stream; blocking work, so off the loop)."""
+        text = self.text
+        return text if isinstance(text, str) else text()
 
 
 #: The :class:`ResponseInfo` of a body that is not a JSON object.
@@ -89,6 +105,18 @@ class StreamObserver:
 
     :attr:`saw_content` turns True at the first event carrying generated content (the
     proxy reads it after each :meth:`feed` to time the first token).
+
+    Work per event on the request path is kept to what the record needs. A subclass
+    parses the JSON of the events that can carry usage, a finish reason, the model or
+    the first content, and of any event it cannot classify from its raw bytes; once
+    content was seen, a content event that is one well-formed ``data:`` line with
+    nothing else of interest (checked with a few byte searches) is not parsed at all.
+    The generated text is not extracted on the way either: content events are kept
+    (:meth:`_keep`, up to :data:`MAX_KEPT_BYTES` per stream, their text extracted as
+    they arrive past that) and :meth:`_text_of` runs over them when
+    :attr:`ResponseInfo.output_text` is first read. An event that is not parsed is not
+    checked for JSON errors beyond its shape, so ``malformed`` reports the events that
+    were parsed.
     """
 
     def __init__(self, strip_usage_chunk: bool = False) -> None:
@@ -104,18 +132,21 @@ class StreamObserver:
         self._service_tier: str | None = None
         self._complete = False
         self._malformed = False
-        self._text = TextCollector()
+        self._kept: list[Event] = []  # content events, in order, for the text
+        self._kept_bytes = 0
+        self._late: TextCollector | None = None  # text of content events past MAX_KEPT_BYTES
 
     def feed(self, data: bytes) -> bytes:
         """Observe the next decompressed bytes; return the bytes to forward (see class doc)."""
         if self._closed:
             return b"" if self.strip_usage_chunk else data
         events = self._decoder.feed(data)
+        observe = self._observe
         if not self.strip_usage_chunk:
             for event in events:
-                self._observe(event, final=False)
+                observe(event, False)
             return data
-        return b"".join([event.raw for event in events if self._observe(event, final=False)])
+        return b"".join([event.raw for event in events if observe(event, False)])
 
     def close(self) -> bytes:
         """End of stream: decode what is left; in strip mode return the held bytes.
@@ -132,6 +163,10 @@ class StreamObserver:
 
     def result(self) -> ResponseInfo:
         """Everything observed so far (call after :meth:`close` for the final figures)."""
+        late = self._late.value() if self._late is not None else ""
+        text: str | Callable[[], str] = late
+        if self._kept:
+            text = LazyText(partial(_fill_from_events, tuple(self._kept), self._text_of, late))
         return ResponseInfo(
             usage=self._usage,
             model=self._model,
@@ -139,13 +174,28 @@ class StreamObserver:
             finish_reasons=tuple(self._finish[i] for i in sorted(self._finish)),
             service_tier=self._service_tier,
             complete=self._complete,
-            output_text=self._text.value(),
+            text=text,
             malformed=self._malformed,
         )
 
     def _observe(self, event: Event, final: bool) -> bool:
         """Handle one event; return False to strip it from the forwarded bytes."""
         raise NotImplementedError
+
+    def _text_of(self, event: Event, text: TextCollector) -> None:
+        """Add the generated text of one kept event to ``text`` (never raises)."""
+        raise NotImplementedError
+
+    def _keep(self, event: Event) -> None:
+        """Keep a content event for the text; past :data:`MAX_KEPT_BYTES`, extract it now."""
+        if self._kept_bytes < MAX_KEPT_BYTES:
+            self._kept.append(event)
+            self._kept_bytes += len(event.raw)
+            return
+        if self._late is None:
+            self._late = TextCollector()
+        if not self._late.full:
+            self._text_of(event, self._late)
 
     def _parse(self, data: str, final: bool) -> dict[str, object] | None:
         """The event's JSON object, or None (and ``malformed`` set) when it is not one."""
@@ -155,6 +205,85 @@ class StreamObserver:
         if not final:
             self._malformed = True
         return None
+
+
+class LazyText:
+    """Generated text built on first call, then cached: the :attr:`ResponseInfo.text` of a
+    response whose text was not extracted on the request path.
+
+    ``fill`` adds the text to a :class:`TextCollector` (which caps it). Whoever needs the
+    text calls it (the token estimator, in its thread), so parsing for it costs the
+    request path nothing. Equal to another text with the same value, built or not.
+    """
+
+    __slots__ = ("_fill", "_value")
+
+    def __init__(self, fill: Callable[[TextCollector], None]) -> None:
+        self._fill = fill
+        self._value: str | None = None
+
+    def __call__(self) -> str:
+        value = self._value
+        if value is None:
+            text = TextCollector()
+            self._fill(text)
+            value = self._value = text.value()
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, LazyText):
+            return self() == other()
+        if isinstance(other, str):
+            return self() == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self())
+
+    def __repr__(self) -> str:
+        return "LazyText(built)" if self._value is not None else "LazyText(not built)"
+
+
+def _fill_from_events(
+    events: tuple[Event, ...], text_of: Callable[[Event, TextCollector], None], late: str, text: TextCollector
+) -> None:
+    """A stream's text: its kept events' text, then what was extracted past the budget."""
+    for event in events:
+        if text.full:
+            break
+        text_of(event, text)
+    text.add(late)
+
+
+def plain_data_event(raw: bytes, offset: int = 0) -> bool:
+    """Whether ``raw[offset:]`` is exactly one ``data: {...}`` line and its blank line.
+
+    The cheap test that lets an observer classify an event from its bytes: one line,
+    so the bytes after a key in it are the JSON value's (no line break and no other
+    field line in between: the ``event:`` line before ``offset``, if any, is the only
+    other one), no CR, and a payload that starts with ``{`` and ends with ``}``.
+    """
+    return (
+        raw.startswith(b"data: {", offset)
+        and raw.endswith(b"}\n\n")
+        and raw.find(b"\n", offset) == len(raw) - 2
+        and _CR not in raw
+    )
+
+
+_CR = 0x0D
+_BACKSLASH = 0x5C
+# A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
+_ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
+
+
+def may_hide_keys(raw: bytes) -> bool:
+    """Whether ``raw`` holds a JSON escape of a printable ASCII character.
+
+    Keys written with such escapes cannot be found by a byte search, so an event that
+    holds one is parsed rather than classified from its bytes.
+    """
+    return _BACKSLASH in raw and _ASCII_ESCAPE.search(raw) is not None
 
 
 class Shape(Protocol):
@@ -214,6 +343,11 @@ class TextCollector:
             piece = text[: self._left]
             self._parts.append(piece)
             self._left -= len(piece)
+
+    @property
+    def full(self) -> bool:
+        """True when the limit is reached (more text would be cut off)."""
+        return self._left <= 0
 
     def value(self) -> str:
         """The text collected so far."""

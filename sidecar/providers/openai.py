@@ -19,13 +19,16 @@ Pure module: no I/O.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from functools import partial
 from typing import ClassVar
 
 from sidecar.model import Usage
 from sidecar.providers.base import (
     UNPARSED_REQUEST,
     UNPARSED_RESPONSE,
+    LazyText,
     PromptText,
     RequestInfo,
     ResponseInfo,
@@ -34,9 +37,12 @@ from sidecar.providers.base import (
     count,
     join_text,
     load_object,
+    loads,
     lst,
+    may_hide_keys,
     obj,
     path,
+    plain_data_event,
     string,
     to_json,
 )
@@ -176,22 +182,7 @@ class ChatShape(_OpenAIShape):
         response = load_object(body)
         if response is None:
             return UNPARSED_RESPONSE
-        text = TextCollector()
-        finish: dict[int, str] = {}
-        for position, choice in enumerate(lst(response.get("choices"))):
-            reason = string(path(choice, "finish_reason"))
-            if reason:
-                finish[_int_key(path(choice, "index"), position)] = reason
-            message = obj(path(choice, "message"))
-            if message is None:
-                continue
-            text.add(string(message.get("content")) or "")
-            text.add(string(message.get("refusal")) or "")
-            for call in lst(message.get("tool_calls")):
-                _add_tool_call(text, call)
-            if message.get("function_call") is not None:
-                _add_tool_call(text, message.get("function_call"))
-        return _info(response, chat_usage, text, finish)
+        return _info(response, chat_usage, _chat_message_text, _choice_finish(response))
 
     def stream_observer(self, strip_usage_chunk: bool) -> StreamObserver:
         """An observer of a ``chat.completion.chunk`` stream."""
@@ -221,14 +212,7 @@ class TextCompletionShape(_OpenAIShape):
         response = load_object(body)
         if response is None:
             return UNPARSED_RESPONSE
-        text = TextCollector()
-        finish: dict[int, str] = {}
-        for position, choice in enumerate(lst(response.get("choices"))):
-            reason = string(path(choice, "finish_reason"))
-            if reason:
-                finish[_int_key(path(choice, "index"), position)] = reason
-            text.add(string(path(choice, "text")) or "")
-        return _info(response, chat_usage, text, finish)
+        return _info(response, chat_usage, _choice_text, _choice_finish(response))
 
     def stream_observer(self, strip_usage_chunk: bool) -> StreamObserver:
         """An observer of a ``text_completion`` stream."""
@@ -269,14 +253,7 @@ class ResponsesShape(_OpenAIShape):
         response = load_object(body)
         if response is None:
             return UNPARSED_RESPONSE
-        text = TextCollector()
-        for item in lst(response.get("output")):
-            for part in lst(path(item, "content")):
-                text.add(string(path(part, "text")) or string(path(part, "refusal")) or "")
-            if path(item, "type") in ("function_call", "custom_tool_call"):
-                text.add(string(path(item, "name")) or "")
-                text.add(string(path(item, "arguments")) or string(path(item, "input")) or "")
-        return _info(response, responses_usage, text, _responses_finish(response))
+        return _info(response, responses_usage, _output_text, _responses_finish(response))
 
     def stream_observer(self, strip_usage_chunk: bool) -> StreamObserver:
         """An observer of a Responses event stream."""
@@ -310,7 +287,7 @@ class EmbeddingsShape(_OpenAIShape):
             finish_reasons=(),
             service_tier=None,
             complete=True,
-            output_text="",
+            text="",
             malformed=False,
         )
 
@@ -341,12 +318,53 @@ def _responses_finish(response: dict[str, object]) -> dict[int, str]:
     return {0: reason} if reason else {}
 
 
+def _choice_finish(response: dict[str, object]) -> dict[int, str]:
+    """Finish reasons of a chat or completions response, by choice index."""
+    finish: dict[int, str] = {}
+    for position, choice in enumerate(lst(response.get("choices"))):
+        reason = string(path(choice, "finish_reason"))
+        if reason:
+            finish[_int_key(path(choice, "index"), position)] = reason
+    return finish
+
+
+def _chat_message_text(response: dict[str, object], text: TextCollector) -> None:
+    """Generated text of a chat completion: content, refusal and tool calls of each choice."""
+    for choice in lst(response.get("choices")):
+        message = obj(path(choice, "message"))
+        if message is None:
+            continue
+        text.add(string(message.get("content")) or "")
+        text.add(string(message.get("refusal")) or "")
+        for call in lst(message.get("tool_calls")):
+            _add_tool_call(text, call)
+        if message.get("function_call") is not None:
+            _add_tool_call(text, message.get("function_call"))
+
+
+def _choice_text(response: dict[str, object], text: TextCollector) -> None:
+    """Generated text of a legacy completion."""
+    for choice in lst(response.get("choices")):
+        text.add(string(path(choice, "text")) or "")
+
+
+def _output_text(response: dict[str, object], text: TextCollector) -> None:
+    """Generated text of a Responses API response: content parts and tool calls."""
+    for item in lst(response.get("output")):
+        for part in lst(path(item, "content")):
+            text.add(string(path(part, "text")) or string(path(part, "refusal")) or "")
+        if path(item, "type") in ("function_call", "custom_tool_call"):
+            text.add(string(path(item, "name")) or "")
+            text.add(string(path(item, "arguments")) or string(path(item, "input")) or "")
+
+
 def _info(
     response: dict[str, object],
     usage_of: Callable[[dict[str, object]], Usage],
-    text: TextCollector,
+    text_of: Callable[[dict[str, object], TextCollector], None],
     finish: dict[int, str],
 ) -> ResponseInfo:
+    """A JSON response's info; its text is extracted only when read (see LazyText)."""
     usage = obj(response.get("usage"))
     return ResponseInfo(
         usage=usage_of(usage) if usage is not None else Usage(),
@@ -355,7 +373,7 @@ def _info(
         finish_reasons=tuple(finish[i] for i in sorted(finish)),
         service_tier=string(response.get("service_tier")),
         complete=True,
-        output_text=text.value(),
+        text=LazyText(partial(text_of, response)),
         malformed=False,
     )
 
@@ -366,19 +384,71 @@ class PassThroughObserver(StreamObserver):
     def _observe(self, event: Event, final: bool) -> bool:
         return True
 
+    def _text_of(self, event: Event, text: TextCollector) -> None:
+        return None
+
+
+#: What makes a chat chunk worth parsing once content was seen: a ``usage`` or a
+#: ``finish_reason`` that is not ``null`` (or a key that a byte search cannot see: an
+#: ASCII escape, see may_hide_keys).
+_CHAT_NEEDS_PARSE = re.compile(rb'"(?:usage|finish_reason)"[ \t]*:[ \t]*(?!null)')
+
+
+def _chat_text(event: Event, text: TextCollector) -> None:
+    """Generated text of a chat chunk: content, refusal and tool-call deltas."""
+    chunk = loads(event.data) if event.data else None
+    if not isinstance(chunk, dict):
+        return
+    for choice in lst(chunk.get("choices")):
+        delta = obj(path(choice, "delta"))
+        if delta is None:
+            continue
+        text.add(string(delta.get("content")) or "")
+        text.add(string(delta.get("refusal")) or "")
+        for call in lst(delta.get("tool_calls")):
+            _add_tool_call(text, call)
+        if delta.get("function_call") is not None:
+            _add_tool_call(text, delta.get("function_call"))
+
+
+def _completion_text(event: Event, text: TextCollector) -> None:
+    """Generated text of a legacy completions chunk."""
+    chunk = loads(event.data) if event.data else None
+    if not isinstance(chunk, dict):
+        return
+    for choice in lst(chunk.get("choices")):
+        text.add(string(path(choice, "text")) or "")
+
 
 class ChatStreamObserver(StreamObserver):
     """Observer of chat (``legacy=False``) or legacy completions (``legacy=True``) chunks.
 
     Usage comes from the chunk whose ``usage`` is an object (the final ``choices: []``
     chunk, later ones win); ``"usage": null`` means nothing. ``data: [DONE]`` ends it.
+
+    Parsed: every chunk until the first one with content (model, id and service tier
+    come from there), then only chunks whose bytes show a ``usage`` or
+    ``finish_reason`` that is not ``null`` (they also refresh model, id and tier), and
+    any chunk that is not one plain ``data: {...}`` line. The others are content
+    deltas: kept for the text, not parsed.
     """
 
     def __init__(self, strip_usage_chunk: bool, legacy: bool) -> None:
         super().__init__(strip_usage_chunk)
         self._legacy = legacy
+        self._text_fn = _completion_text if legacy else _chat_text
+
+    def _text_of(self, event: Event, text: TextCollector) -> None:
+        self._text_fn(event, text)
 
     def _observe(self, event: Event, final: bool) -> bool:
+        if self.saw_content:
+            # A content delta with nothing else: skipped unparsed. One data line, so the
+            # bytes after a key are the JSON after it (no line break can hide a value).
+            raw = event.raw
+            if plain_data_event(raw) and _CHAT_NEEDS_PARSE.search(raw) is None and not may_hide_keys(raw):
+                self._keep(event)
+                return True
         data = event.data
         if not data:
             return True
@@ -407,32 +477,23 @@ class ChatStreamObserver(StreamObserver):
             reason = string(path(choice, "finish_reason"))
             if reason:
                 self._finish[_int_key(path(choice, "index"), position)] = reason
-            if self._legacy:
-                text = string(path(choice, "text"))
-                if text:
-                    self.saw_content = True
-                    self._text.add(text)
-                continue
-            delta = obj(path(choice, "delta"))
-            if delta is None:
-                continue
-            content = string(delta.get("content"))
-            if content:
+            if not self.saw_content and self._has_content(choice):
                 self.saw_content = True
-                self._text.add(content)
-            refusal = string(delta.get("refusal"))
-            if refusal:
-                self.saw_content = True
-                self._text.add(refusal)
-            calls = lst(delta.get("tool_calls"))
-            if calls:
-                self.saw_content = True
-                for call in calls:
-                    _add_tool_call(self._text, call)
-            if delta.get("function_call") is not None:
-                self.saw_content = True
-                _add_tool_call(self._text, delta.get("function_call"))
+        self._keep(event)
         return True
+
+    def _has_content(self, choice: object) -> bool:
+        if self._legacy:
+            return bool(string(path(choice, "text")))
+        delta = obj(path(choice, "delta"))
+        if delta is None:
+            return False
+        return bool(
+            string(delta.get("content"))
+            or string(delta.get("refusal"))
+            or lst(delta.get("tool_calls"))
+            or delta.get("function_call") is not None
+        )
 
 
 #: Responses stream events whose ``delta`` is generated content.
@@ -444,22 +505,44 @@ _CONTENT_DELTAS = frozenset(
         "response.custom_tool_call_input.delta",
     }
 )
+#: The ``event:`` lines of those events, as they open an event's bytes.
+_CONTENT_DELTA_LINES = tuple(f"event: {kind}\n".encode() for kind in sorted(_CONTENT_DELTAS))
 #: Text deltas: content only when the delta is not empty.
 _TEXT_DELTAS = frozenset({"response.output_text.delta", "response.refusal.delta"})
 #: Events that end a Responses stream and carry the final response object.
 _TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
+def _responses_text(event: Event, text: TextCollector) -> None:
+    """Generated text of a Responses content delta."""
+    parsed = loads(event.data) if event.data else None
+    if not isinstance(parsed, dict):
+        return
+    kind = event.event or string(parsed.get("type"))
+    if kind in _CONTENT_DELTAS:
+        text.add(string(parsed.get("delta")) or "")
+
+
 class ResponsesStreamObserver(StreamObserver):
     """Observer of a Responses API event stream.
 
     Only the events that matter are parsed: ``response.created`` (id and model, in
-    case the stream is cut), content deltas, and the terminal ``response.completed`` /
-    ``response.incomplete`` / ``response.failed``, whose response object gives usage,
-    model and service tier (``response.created`` carries the *requested* tier).
+    case the stream is cut), content deltas until the first one with content, and the
+    terminal ``response.completed`` / ``response.incomplete`` / ``response.failed``,
+    whose response object gives usage, model and service tier (``response.created``
+    carries the *requested* tier). Later content deltas are kept for the text only.
     """
 
+    def _text_of(self, event: Event, text: TextCollector) -> None:
+        _responses_text(event, text)
+
     def _observe(self, event: Event, final: bool) -> bool:
+        raw = event.raw
+        if self.saw_content and raw.startswith(_CONTENT_DELTA_LINES):
+            line = raw.find(b"\n") + 1
+            if plain_data_event(raw, line) and not may_hide_keys(raw):
+                self._keep(event)
+                return True
         data = event.data
         if not data:
             return True
@@ -476,7 +559,7 @@ class ResponsesStreamObserver(StreamObserver):
             # A tool-call delta is content even when empty; a text delta only when not.
             if delta is not None and (delta or kind not in _TEXT_DELTAS):
                 self.saw_content = True
-                self._text.add(delta)
+            self._keep(event)
         elif kind in _TERMINAL:
             parsed = parsed or self._parse(data, final)
             response = obj(parsed.get("response")) if parsed is not None else None
