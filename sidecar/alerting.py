@@ -396,6 +396,7 @@ class AlertingSink(QueueSink):
     """Evaluates rules over finished calls, notifies, and keeps incidents; see the module docstring."""
 
     name = "alerting"
+    linger = 0.05  # each batch is one hand-off to the engine thread: fewer, larger ones
 
     def __init__(
         self,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -69,6 +70,7 @@ class Metrics:
         self.registry = registry
         self.tenants = TenantCap(max_tenants)
         self._models: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "llm_requests_total",
             "Finished client calls, by the HTTP status the client got (499: client abort)",
@@ -220,24 +222,34 @@ class Metrics:
             self.tenant_overflow.inc()
         return tenant, record.upstream, record.provider, self._model_label(record.model), record.route
 
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """``metric.labels(*labels)``, cached: label values are capped, so the cache is bounded
+        by the series the metric holds anyway, and a dict hit skips prometheus_client's lock."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: CallRecord) -> None:
         """Account one finished call."""
         labels = self.labels_for(record)
-        self.requests.labels(*labels, str(record.status)).inc()
+        child = self._child
+        child(self.requests, (*labels, str(record.status))).inc()
         if record.error_type is not None:
-            self.errors.labels(*labels, record.error_type).inc()
+            child(self.errors, (*labels, record.error_type)).inc()
         counts = record.token_counts()
         for count in counts:
             # A reported zero still creates its series: it says "reported, and zero".
-            self.tokens.labels(*labels, count.type, count.source).inc(count.count)
+            child(self.tokens, (*labels, count.type, count.source)).inc(count.count)
         if record.cost_usd is not None:
             self.cost.add(labels, record.cost_usd)
         elif counts:
             self.unpriced.labels(labels[0], labels[3]).inc()
         exemplar = {"trace_id": record.trace_id} if record.trace_id and record.trace_sampled else None
-        self.duration.labels(*labels).observe(record.duration_s, exemplar)
+        child(self.duration, labels).observe(record.duration_s, exemplar)
         if record.ttft_s is not None:
-            self.ttft.labels(*labels).observe(record.ttft_s, exemplar)
+            child(self.ttft, labels).observe(record.ttft_s, exemplar)
         self.overhead.observe(record.overhead_s)
         if record.throttled is not None:
             self.throttled.labels(labels[0], record.throttled).inc()

@@ -246,6 +246,11 @@ MAX_DECODED_BYTES = 64 * 1024 * 1024
 Decoder = Callable[[bytes], Iterator[bytes]]
 
 
+def identity_decoder(data: bytes) -> Iterator[bytes]:
+    """The decoder of a body sent without a content encoding (the relay skips calling it)."""
+    yield data
+
+
 class DecodedTooLarge(zlib.error):
     """The decoded copy of a compressed body passed :data:`MAX_DECODED_BYTES`."""
 
@@ -259,11 +264,7 @@ def make_decoder(encoding: str, limit: int = MAX_DECODED_BYTES) -> Decoder | Non
     """
     encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
-
-        def identity(data: bytes) -> Iterator[bytes]:
-            yield data
-
-        return identity
+        return identity_decoder
     total = 0
 
     def counted(piece: bytes) -> bytes:
@@ -878,9 +879,12 @@ class Proxy:
                     call.client_wait += perf_counter() - t
                     try:
                         if observer is not None:
-                            assert decoder is not None
-                            for piece in decoder(chunk):
-                                observer.feed(piece)
+                            if decoder is identity_decoder:
+                                observer.feed(chunk)
+                            else:
+                                assert decoder is not None
+                                for piece in decoder(chunk):
+                                    observer.feed(piece)
                         elif json_copy is not None and copied <= MAX_PARSE_BYTES:
                             assert decoder is not None
                             for piece in decoder(chunk):
@@ -1071,5 +1075,5 @@ class Proxy:
         return EstimateRequest(
             shape=shape,
             request_body=call.body if need_input else None,
-            output_text=(info.output_text if info is not None else "") if need_output else None,
+            output_text=(info.text if info is not None else "") if need_output else None,
         )
