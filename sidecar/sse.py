@@ -36,9 +36,8 @@ import re
 __all__ = ["Event", "SSEDecoder"]
 
 # One line ending. At the very end of the buffer a lone "\r" matches even when the next
-# chunk will start with "\n": the event then ends there, and that "\n" leads the next
-# event, where a leading blank line means nothing (the result is the same as reading
-# "\r" + "\n" as one line ending, which the WHATWG rules ask for).
+# chunk will start with "\n"; an event whose blank line ends that way waits for the next
+# chunk (see _end_of_event), so "\r" + "\n" is one line ending, as the WHATWG rules ask.
 _EOL = re.compile(rb"\r\n|\r|\n")
 # Blank lines before an event's first field line.
 _LEADING = re.compile(rb"[\r\n]*")
@@ -130,7 +129,7 @@ class Event:
         self._todo = _DECODED
 
 
-def _end_of_event(data: bytes | bytearray, scan: int) -> int:
+def _end_of_event(data: bytes | bytearray, scan: int, crlf: bool) -> int:
     """The end of the first blank line that follows a line ending at or after ``scan``, or -1.
 
     For data holding a CR. If ``scan`` is at the LF of a CRLF pair, the LF is taken as a
@@ -139,11 +138,20 @@ def _end_of_event(data: bytes | bytearray, scan: int) -> int:
     """
     search = _EOL.search
     match = _EOL.match
+    size = len(data)
     while (found := search(data, scan)) is not None:
         scan = found.end()
         blank = match(data, scan)
         if blank is not None:
-            return blank.end()
+            end = blank.end()
+            if crlf and end == size and data[end - 1] == _CR:
+                # A CRLF stream whose blank line ends in a CR at the very end of what arrived:
+                # its LF is most likely the next chunk's first byte, and it belongs to this
+                # event. Wait for it (or for flush), so the events, and the bytes a client
+                # gets, do not depend on where the stream was split. A stream of lone CRs
+                # (``crlf`` False) is never held back.
+                return -1
+            return end
     return -1
 
 
@@ -159,12 +167,13 @@ class SSEDecoder:
     lazily (see :class:`Event`).
     """
 
-    __slots__ = ("_buf", "_cr", "_discarding", "_first", "_lead", "_max", "_scan", "oversized")
+    __slots__ = ("_buf", "_cr", "_crlf", "_discarding", "_first", "_lead", "_max", "_scan", "oversized")
 
     def __init__(self, max_event_bytes: int = 8 * 1024 * 1024) -> None:
         self._max = max_event_bytes
         self._buf = bytearray()  # bytes not yet handed out in an event
         self._cr = False  # _buf may hold a "\r" (then line endings need the slow search)
+        self._crlf = False  # the stream has used CRLF line endings
         self._lead = -1  # end of the pending event's leading blank lines in _buf (-1: not known)
         self._scan = 0  # where to resume searching for the pending event's end
         self._discarding = False  # the pending block exceeded max_event_bytes
@@ -209,7 +218,9 @@ class SSEDecoder:
                     break
                 scan = lead
             if cr:
-                end = _end_of_event(data, scan)
+                if not self._crlf and b"\r\n" in data:
+                    self._crlf = True
+                end = _end_of_event(data, scan, self._crlf)
                 if end < 0:
                     break
             else:

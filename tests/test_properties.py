@@ -127,12 +127,6 @@ def test_any_split_of_a_recorded_stream_gives_the_same_usage_and_bytes(
         assert len(out) <= len(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sidecar/sse.py dispatches an event at a blank line ending in a lone CR at the end of a "
-    "chunk; the LF in the next chunk then travels with the next event (or becomes a data-less event "
-    "at the end), so a stripped usage chunk leaves a stray LF for the client",
-)
 def test_an_event_end_split_between_its_cr_and_lf_gives_the_same_events_and_bytes() -> None:
     shape, body, _ = recorded_stream("openai_chat_stream_include_usage")
     body = body.replace(b"\n", b"\r\n")
@@ -141,7 +135,7 @@ def test_an_event_end_split_between_its_cr_and_lf_gives_the_same_events_and_byte
     chunks = [body[:seam], body[seam:]]
     assert decode(chunks) == decode([body])
     stripped, _, _ = observe(shape, chunks, strip=True)
-    assert stripped == observe(shape, [body], strip=True)[0]  # today: an extra b"\n" before [DONE]
+    assert stripped == observe(shape, [body], strip=True)[0]
 
 
 # -- 2. usage extraction never raises -------------------------------------------------------------
