@@ -213,7 +213,7 @@ def test_export_csv_and_jsonl(data_dir: Path, capsys: pytest.CaptureFixture[str]
     assert lines[1] == (
         "c3,2025-02-01T12:00:00.000Z,1738411200.0,r3,,,b,anthropic,anthropic,messages,claude-haiku-4-5,"
         "claude-haiku-4-5,,true,200,,300,reported,100,reported,50,reported,,30,reported,,,0,"
-        "0.0000123456789,,pv,,0.5,"
+        "0.0000123456789,,pv,,0.5,,,"  # no ttft, route or variant
     )
     assert lines[2:] == [""]
     code, out, _ = run(capsys, "cost", "export", "--data-dir", str(data_dir), "--format", "jsonl")

@@ -126,6 +126,8 @@ def test_row_of_a_record() -> None:
         "service_tier": "default",
         "duration_s": 1.25,
         "ttft_s": 0.5,
+        "route": None,
+        "variant": None,
     }
     estimated = to_row(rec(usage=Usage(), estimated=Usage(input=7, output=5), cost_usd=Decimal("1E-7")), "c")
     assert (estimated["estimated_tokens"], estimated["input_tokens_source"]) == (12, "estimated")
@@ -380,3 +382,37 @@ def test_parse_section() -> None:
         "ledger.retention",
         "ledger.synchronous",
     ]
+
+
+def test_route_and_variant_are_kept_and_an_older_ledger_is_migrated(tmp_path: Path) -> None:
+    from sidecar.ledger._schema import _TYPES, row_to_record, to_row
+    from sidecar.ledger._store import Store
+
+    # A ledger written by schema 1 (no route, variant columns), with one row in it.
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    v1_columns = [c for c in COLUMNS if c not in ("route", "variant")]
+    typed = ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in v1_columns)
+    conn.execute(f"CREATE TABLE calls (id INTEGER PRIMARY KEY, {typed})")
+    old = to_row(BASE, "old")
+    conn.execute(
+        f"INSERT INTO calls ({', '.join(v1_columns)}) VALUES ({', '.join('?' for _ in v1_columns)})",
+        [old[c] for c in v1_columns],
+    )
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+
+    store = Store(path)
+    try:
+        routed = dataclasses.replace(BASE, request_id="new", route="chat", variant="candidate")
+        store.insert([to_row(routed, "new")])
+        rows = {
+            r[0]: r[1:] for r in store.conn.execute("SELECT call_id, route, variant FROM calls").fetchall()
+        }
+        assert rows == {"old": (None, None), "new": ("chat", "candidate")}
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        store.conn.close()
+    back = row_to_record(to_row(routed, "x"))
+    assert (back.route, back.variant) == ("chat", "candidate")

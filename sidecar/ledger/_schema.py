@@ -29,6 +29,7 @@ from sidecar.model import CallRecord, Usage
 
 __all__ = [
     "COLUMNS",
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "TOKEN_COLUMNS",
     "Row",
@@ -44,7 +45,12 @@ __all__ = [
 Row = dict[str, object]
 
 #: Bumped when the table changes; a ledger written by a newer sidecar is refused.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: What turns a ledger of schema ``N - 1`` into schema ``N`` (run in one transaction).
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: ("ALTER TABLE calls ADD COLUMN route TEXT", "ALTER TABLE calls ADD COLUMN variant TEXT"),
+}
 
 #: Normalised token type (:data:`sidecar.model.TOKEN_TYPES`) → its column.
 TOKEN_COLUMNS: dict[str, str] = {
@@ -91,6 +97,10 @@ COLUMNS: tuple[str, ...] = (
     "service_tier",
     "duration_s",
     "ttft_s",
+    # Schema 2: the gateway route that planned the call and the model version that served it
+    # ("primary" | "candidate" on a route with a canary); NULL when none.
+    "route",
+    "variant",
 )
 
 _TYPES: dict[str, str] = {
@@ -311,6 +321,8 @@ def to_row(record: CallRecord, call_id: str) -> Row:
         "service_tier": record.service_tier,
         "duration_s": record.duration_s,
         "ttft_s": record.ttft_s,
+        "route": record.route or None,
+        "variant": record.variant or None,
     }
 
 
@@ -376,4 +388,6 @@ def row_to_record(row: Mapping[str, object]) -> CallRecord:
         service_tier=_text(row.get("service_tier")),
         trace_id=_text(row.get("trace_id")),
         span_id=_text(row.get("span_id")),
+        route=_text(row.get("route")) or "",
+        variant=_text(row.get("variant")) or "",
     )

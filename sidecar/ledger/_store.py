@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from sidecar.ledger._schema import DDL, INSERT, SCHEMA_VERSION, Row, row_problem, row_values
+from sidecar.ledger._schema import DDL, INSERT, MIGRATIONS, SCHEMA_VERSION, Row, row_problem, row_values
 
 __all__ = ["Inserted", "LedgerSchemaError", "Rejected", "Store"]
 
@@ -74,6 +74,11 @@ class Store:
                     f"{path} has ledger schema {version}; this sidecar reads up to {SCHEMA_VERSION}"
                 )
             self.conn.execute("BEGIN IMMEDIATE")
+            table = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='calls'")
+            if table.fetchone() is not None:  # an older ledger: bring its table up to date first
+                for target in range(max(version, 1) + 1, SCHEMA_VERSION + 1):
+                    for statement in MIGRATIONS[target]:
+                        self.conn.execute(statement)
             for statement in DDL:
                 self.conn.execute(statement)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
