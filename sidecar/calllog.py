@@ -197,34 +197,42 @@ def to_log_line(record: CallRecord) -> str:
     tokens, source = _tokens(record)
     error_type = record.error_type
     cost = record.cost_usd
-    return _encode(
-        {
-            "time": iso_utc(finished),
-            "level": "info" if error_type is None else level_of(record),
-            "event": "llm_call",
-            "request_id": record.request_id,
-            "trace_id": record.trace_id,
-            "span_id": record.span_id,
-            "tenant": record.tenant,
-            "upstream": record.upstream,
-            "provider": record.provider or None,
-            "operation": record.operation,
-            "model": record.model,
-            "request_model": record.request_model,
-            "response_model": record.response_model,
-            "method": record.method,
-            "stream": record.stream,
-            "status": record.status,
-            "error_type": error_type,
-            "duration_s": _round(record.duration_s),
-            "ttft_s": _round(record.ttft_s),
-            "overhead_s": _round(record.overhead_s),
-            "tokens": tokens,
-            "tokens_source": source,
-            "cost_usd": float(cost) if cost is not None else None,
-            "price_version": record.price_version or None,
-        }
-    )
+    line: dict[str, object] = {
+        "time": iso_utc(finished),
+        "level": "info" if error_type is None else level_of(record),
+        "event": "llm_call",
+        "request_id": record.request_id,
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "tenant": record.tenant,
+        "upstream": record.upstream,
+        "provider": record.provider or None,
+        "operation": record.operation,
+        "model": record.model,
+        "request_model": record.request_model,
+        "response_model": record.response_model,
+        "method": record.method,
+        "stream": record.stream,
+        "status": record.status,
+        "error_type": error_type,
+        "duration_s": _round(record.duration_s),
+        "ttft_s": _round(record.ttft_s),
+        "overhead_s": _round(record.overhead_s),
+        "tokens": tokens,
+        "tokens_source": source,
+        "cost_usd": float(cost) if cost is not None else None,
+        "price_version": record.price_version or None,
+    }
+    # Gateway control: only on calls it touched, so other lines stay as they were.
+    if record.route:
+        line["route"] = record.route
+        if record.variant:
+            line["variant"] = record.variant
+    if record.throttled:
+        line["throttled"] = record.throttled
+    if len(record.attempts) > 1:
+        line["attempts"] = [f"{a.upstream}:{a.outcome}" for a in record.attempts]
+    return _encode(line)
 
 
 # -- the sink -------------------------------------------------------------------------

@@ -203,3 +203,23 @@ def test_parse_section() -> None:
         _parse("{level: loud, sample_success: 2, queue_size: 0}")
     fields = sorted(p.field for p in info.value.problems)
     assert fields == ["logs.level", "logs.queue_size", "logs.sample_success"]
+
+
+def test_gateway_fields_appear_only_on_calls_the_gateway_touched() -> None:
+    import dataclasses
+    import json
+
+    from sidecar.calllog import to_log_line
+    from sidecar.model import UpstreamAttempt
+
+    plain = json.loads(to_log_line(BASE))
+    assert not {"route", "variant", "throttled", "attempts"} & set(plain)
+    routed = dataclasses.replace(
+        BASE,
+        route="chat",
+        variant="candidate",
+        attempts=(UpstreamAttempt("a", "5xx", 0.0, 0.1), UpstreamAttempt("b", "success", 0.1, 0.2)),
+    )
+    line = json.loads(to_log_line(routed))
+    assert (line["route"], line["variant"], line["attempts"]) == ("chat", "candidate", ["a:5xx", "b:success"])
+    assert json.loads(to_log_line(dataclasses.replace(BASE, throttled="rpm")))["throttled"] == "rpm"
