@@ -110,8 +110,14 @@ class Sidecar:
         self.tracing, warnings = resolve_tracing(config.tracing or TracingSection(), os.environ)
         for warning in warnings:
             log.warning("tracing: %s", warning)
-        self.ledger = Ledger(config.ledger or LedgerSettings(), config.data_dir, registry=self.registry)
-        self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size), self.ledger]
+        ledger_settings = config.ledger or LedgerSettings()
+        self.ledger = Ledger(ledger_settings, config.data_dir, registry=self.registry)
+        #: ``ledger.enabled: false``: no ledger (a benchmark, a node whose fleet keeps usage
+        #: through usage logs); budgets and SLO windows then start empty after a restart.
+        self.ledger_enabled = ledger_settings.enabled
+        self.sinks: list[Sink] = [MetricsSink(self.metrics, maxsize=config.sinks.queue_size)]
+        if self.ledger_enabled:
+            self.sinks.append(self.ledger)
         if self.tracing.enabled:
             self.sinks.append(TracingSink(self.tracing, registry=self.registry))
         self.usage_logs, warnings = resolve_usage_logs(
@@ -298,6 +304,8 @@ class Sidecar:
         if horizon <= 0:
             return
         since = time.time() - min(horizon, REFILL_MAX_SECONDS)
+        if not self.ledger_enabled:
+            return
         try:
             records = await self.ledger.recent(since)
         except Exception:
@@ -395,7 +403,7 @@ class Sidecar:
     async def _readyz(self, request: web.Request) -> web.Response:
         if not self.ready:
             return web.json_response({"status": "not ready", "reason": "starting or draining"}, status=503)
-        if not self.ledger.healthy():
+        if self.ledger_enabled and not self.ledger.healthy():
             reason = self.ledger.status().reason
             return web.json_response({"status": "not ready", "reason": f"ledger: {reason}"}, status=503)
         return web.json_response({"status": "ready"})

@@ -12,6 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from blockbuster import blockbuster_ctx
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,7 @@ from sidecar.ledger import (
 )
 from sidecar.model import CallRecord, Usage
 from sidecar.yamlspec import Reader
+from tests.harness import make_config, running_sidecar
 
 DAY = 86400.0
 BASE = CallRecord(
@@ -416,3 +418,22 @@ def test_route_and_variant_are_kept_and_an_older_ledger_is_migrated(tmp_path: Pa
         store.conn.close()
     back = row_to_record(to_row(routed, "x"))
     assert (back.route, back.variant) == ("chat", "candidate")
+
+
+async def test_a_disabled_ledger_writes_nothing_and_does_not_gate_readiness(
+    tmp_path: Path, replay_upstream: Any
+) -> None:
+    data = tmp_path / "data"
+    cfg = make_config(
+        f"- {{name: openai, url: '{replay_upstream.url}', provider: openai}}",
+        "ledger: {enabled: false}\nlogs: {enabled: false}\n",
+        tmp=data,
+    )
+    async with running_sidecar(cfg) as (sc, collect), aiohttp.ClientSession() as s:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        async with s.post(f"http://127.0.0.1:{sc.proxy_port}/v1/chat/completions", json=body) as r:
+            await r.read()
+        await collect.wait_for(1)
+        async with s.get(f"http://127.0.0.1:{sc.admin_port}/readyz") as r:
+            assert r.status == 200
+    assert not (data / "ledger.sqlite3").exists() and not (data / "ledger.journal").exists()
