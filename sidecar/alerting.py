@@ -60,6 +60,7 @@ from sidecar.rules.loader import check_channels, expand, load_files
 from sidecar.rules.model import IncidentAgeRule, MttrRule, RuleSet
 from sidecar.rules.state import Transition
 from sidecar.sinks import QueueSink
+from sidecar.threads import background
 
 __all__ = [
     "AlertingSettings",
@@ -444,7 +445,9 @@ class AlertingSink(QueueSink):
         # an evaluation over many groups never stalls the proxy; the lock serialises it with
         # the rare engine calls made on the loop (reload, ack, tests' tick()).
         self._engine_lock = threading.Lock()
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-rules")
+        self._engine_thread = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sidecar-rules", initializer=background
+        )
 
     @classmethod
     def create(

@@ -52,6 +52,7 @@ from yaml.nodes import Node
 from sidecar.ledger import iso_utc
 from sidecar.model import TOKEN_TYPES, CallRecord
 from sidecar.sinks import QueueSink
+from sidecar.threads import background
 from sidecar.yamlspec import Reader, join
 
 __all__ = [
@@ -299,7 +300,9 @@ class CallLogSink(QueueSink):
     async def start(self) -> None:
         """Start the writer thread and the worker task."""
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-calllog")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="sidecar-calllog", initializer=background
+            )
         await super().start()
 
     async def handle(self, records: list[CallRecord]) -> None:

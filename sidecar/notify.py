@@ -45,6 +45,7 @@ with warnings.catch_warnings(), contextlib.suppress(ImportError):
 
 from sidecar.rules.engine import describe_duration
 from sidecar.rules.state import LabelSet, Transition
+from sidecar.threads import background
 
 __all__ = [
     "Dispatcher",
@@ -289,7 +290,9 @@ class Notifier:
                 obj.add(plugin)
             self._channels[name] = obj
         self._executor = ThreadPoolExecutor(
-            max_workers=max(4, 2 * len(self._channels)), thread_name_prefix="sidecar-notify"
+            max_workers=max(4, 2 * len(self._channels)),
+            thread_name_prefix="sidecar-notify",
+            initializer=background,
         )
         self._tasks: set[asyncio.Task[str]] = set()
 

@@ -33,6 +33,7 @@ from sidecar.model import CallRecord, Usage
 from sidecar.pricing import PriceTable, cost
 from sidecar.providers import Shape
 from sidecar.sinks import Sink
+from sidecar.threads import background
 from sidecar.tokens import Estimator
 
 log = logging.getLogger("sidecar.pipeline")
@@ -69,7 +70,9 @@ class Pipeline:
         self.prices = prices
         self.estimator = estimator
         self._estimates: asyncio.Queue[tuple[CallRecord, EstimateRequest]] = asyncio.Queue(estimate_queue)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sidecar-tokens")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sidecar-tokens", initializer=background
+        )
         self._task: asyncio.Task[None] | None = None
         self._logged_models: set[str] = set()
         self.submitted = 0

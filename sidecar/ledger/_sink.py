@@ -71,6 +71,7 @@ from sidecar.ledger._schema import Row, row_problem, row_to_record, to_row
 from sidecar.ledger._settings import LedgerSettings
 from sidecar.ledger._store import Rejected, Store
 from sidecar.model import CallRecord
+from sidecar.threads import background
 
 __all__ = ["DB_NAME", "JOURNAL_NAME", "LOCK_NAME", "Ledger", "LedgerLockedError", "LedgerStatus"]
 
@@ -437,6 +438,7 @@ class Ledger:
 
     # -- the writer thread -------------------------------------------------------------------
     def _writer_main(self) -> None:
+        background()
         try:
             self._writer_loop()
         except BaseException:  # pragma: no cover - a bug: keep the records, say so loudly
@@ -710,6 +712,7 @@ class Ledger:
 
     # -- the spiller thread ------------------------------------------------------------------
     def _spiller_main(self) -> None:
+        background()
         try:
             self._spiller_loop()
         finally:
