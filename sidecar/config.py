@@ -83,8 +83,9 @@ directory. ``${VAR}`` and ``${VAR:-default}`` are replaced in scalar values (see
 :mod:`sidecar.yamlspec`).
 
 Adding a top-level section: write one ``_parse_<name>(reader, node, path, ctx)``
-function, add one entry to :data:`SECTIONS`, and a field of the same name on
-:class:`Config`; a model-level check is one more function in :data:`CHECKS`.
+function (here, or with its adapter and named through ``_lazy(module, function)``), add
+one entry to :data:`SECTIONS`, and a field of the same name on :class:`Config`; a
+model-level check is one more function in :data:`CHECKS`.
 
 Pure module except :func:`load_file` (which reads the file); it may import
 :mod:`sidecar.yamlspec` (hence PyYAML's node types), :mod:`sidecar.durations`,
@@ -94,6 +95,7 @@ Pure module except :func:`load_file` (which reads the file); it may import
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import ipaddress
 import os
 import re
@@ -615,70 +617,17 @@ class Section:
     required: bool = False
 
 
-def _parse_tracing(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.tracing import parse_tracing
+def _lazy(module: str, function: str) -> Callable[[Reader, Node, str, ParseContext], object]:
+    """A section parser that lives with its adapter, imported only when the section is present
+    (so this module needs none of the adapters' libraries)."""
 
-    return parse_tracing(r, node, path, ctx)
+    def parse(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
+        parser: Callable[[Reader, Node, str, ParseContext], object] = getattr(
+            importlib.import_module(module), function
+        )
+        return parser(r, node, path, ctx)
 
-
-def _parse_logs(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.calllog import parse_logs
-
-    return parse_logs(r, node, path, ctx)
-
-
-def _parse_ledger(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.ledger import parse_ledger
-
-    return parse_ledger(r, node, path, ctx)
-
-
-def _parse_usage_logs(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.usagelogs import parse_usage_logs
-
-    return parse_usage_logs(r, node, path, ctx)
-
-
-def _parse_rules(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.alerting import parse_rules_section
-
-    return parse_rules_section(r, node, path, ctx)
-
-
-def _parse_notify(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.alerting import parse_notify_section
-
-    return parse_notify_section(r, node, path, ctx)
-
-
-def _parse_keys(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.gateway.keys import parse_keys_section
-
-    return parse_keys_section(r, node, path, ctx)
-
-
-def _parse_rate_limits(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.gateway.ratelimit import parse_rate_limits
-
-    return parse_rate_limits(r, node, path, ctx)
-
-
-def _parse_state(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.gateway.sharedstate import parse_state
-
-    return parse_state(r, node, path, ctx)
-
-
-def _parse_routes(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.gateway.routes import parse_routes
-
-    return parse_routes(r, node, path, ctx)
-
-
-def _parse_circuit_breakers(r: Reader, node: Node, path: str, ctx: ParseContext) -> object:
-    from sidecar.gateway.routes import parse_circuit_breakers
-
-    return parse_circuit_breakers(r, node, path, ctx)
+    return parse
 
 
 #: Top-level sections, in the order they are read; each name is a :class:`Config` field.
@@ -692,17 +641,17 @@ SECTIONS: dict[str, Section] = {
     "shutdown": Section(_parse_shutdown),
     "data_dir": Section(_parse_data_dir),
     "sinks": Section(_parse_sinks),
-    "tracing": Section(_parse_tracing),
-    "logs": Section(_parse_logs),
-    "ledger": Section(_parse_ledger),
-    "usage_logs": Section(_parse_usage_logs),
-    "rules": Section(_parse_rules),
-    "notify": Section(_parse_notify),
-    "keys": Section(_parse_keys),
-    "rate_limits": Section(_parse_rate_limits),
-    "state": Section(_parse_state),
-    "routes": Section(_parse_routes),
-    "circuit_breakers": Section(_parse_circuit_breakers),
+    "tracing": Section(_lazy("sidecar.tracing", "parse_tracing")),
+    "logs": Section(_lazy("sidecar.calllog", "parse_logs")),
+    "ledger": Section(_lazy("sidecar.ledger", "parse_ledger")),
+    "usage_logs": Section(_lazy("sidecar.usagelogs", "parse_usage_logs")),
+    "rules": Section(_lazy("sidecar.alerting", "parse_rules_section")),
+    "notify": Section(_lazy("sidecar.alerting", "parse_notify_section")),
+    "keys": Section(_lazy("sidecar.gateway.keys", "parse_keys_section")),
+    "rate_limits": Section(_lazy("sidecar.gateway.ratelimit", "parse_rate_limits")),
+    "state": Section(_lazy("sidecar.gateway.sharedstate", "parse_state")),
+    "routes": Section(_lazy("sidecar.gateway.routes", "parse_routes")),
+    "circuit_breakers": Section(_lazy("sidecar.gateway.routes", "parse_circuit_breakers")),
 }
 
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sidecar.errors import ConfigError, Problem
 from sidecar.gateway.keys import KeysConfig, KeyStore, parse_keys_file
@@ -63,6 +64,15 @@ def _check_value(text: str) -> tuple[str | None, str | None]:
         # A line break would split the header; anything else would be mangled on the wire.
         return None, "holds a line break, a control or a non-ASCII character (one key, one line)"
     return value, None
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 # -- provider keys ----------------------------------------------------------------------
@@ -223,11 +233,7 @@ class SecretFiles:
         """Stop polling; the last values stay readable."""
         tasks = [t for t in (self._task, *self._pending) if t is not None]
         self._task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(tasks)
 
     async def check(self) -> None:
         """Look at every file now (what the polling task does each interval)."""
@@ -372,11 +378,7 @@ class KeysFileWatcher:
         """Stop watching; the last store stays in force."""
         tasks = [t for t in (self._task, *self._pending) if t is not None]
         self._task = None
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await _cancel(tasks)
 
     def reconfigure(self, config: KeysConfig) -> None:
         """Take a reloaded ``keys`` section (on the loop): reload now if the file or entries changed."""
