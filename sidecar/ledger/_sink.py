@@ -191,6 +191,7 @@ class Ledger:
         self._lock = threading.Lock()
         self._writer_wake = threading.Condition(self._lock)
         self._spiller_wake = threading.Condition(self._lock)
+        self._spill_now = False  # wake the spiller from its backoff (the database is back)
         self._queue: deque[_Entry] = deque()
         self._overflow: deque[_Entry] = deque()
         self._in_flight: Sequence[_Entry] = ()
@@ -246,11 +247,12 @@ class Ledger:
             self._spiller_wake.notify()
         return True
 
-    def _lose(self, count: int, why: str) -> None:
-        """Count lost records (lock held); logs the first and then every 1000th."""
+    def _lose(self, count: int, why: str, always: bool = False) -> None:
+        """Count lost records (lock held); logs the first and then every 1000th (``always``: this
+        one too, for losses at shutdown, when the counter can no longer be scraped)."""
         self.lost += count
         self._settled += count
-        if self.lost - self._lost_logged >= 1000 or self._lost_logged == 0:
+        if always or self.lost - self._lost_logged >= 1000 or self._lost_logged == 0:
             self._lost_logged = self.lost
             log.error("ledger lost %d records so far: %s", self.lost, why)
 
@@ -386,7 +388,7 @@ class Ledger:
             self.journal.append(lines)
         except OSError as exc:
             with self._lock:
-                self._lose(len(lines), f"journal unwritable at shutdown: {exc}")
+                self._lose(len(lines), f"journal unwritable at shutdown: {exc}", always=True)
             return
         with self._lock:
             self.spilled += len(lines)
@@ -548,6 +550,11 @@ class Ledger:
             was_down = self._db_error is not None
             self._db_ok = True
             self._db_error = None
+            if self._overflow:
+                # Records held while neither the database nor the journal took them: the
+                # spiller may be sleeping a long backoff; there is room again, so now.
+                self._spill_now = True
+                self._spiller_wake.notify()
         if was_down:
             log.warning("ledger database %s is writable again", self.db_path)
         return store
@@ -719,7 +726,9 @@ class Ledger:
             with self._lock:
                 self._spiller_done = True
                 if self._overflow:
-                    self._lose(len(self._overflow), "the journal could not be written before shutdown")
+                    self._lose(
+                        len(self._overflow), "the journal could not be written before shutdown", always=True
+                    )
                     self._overflow.clear()
 
     def _spiller_loop(self) -> None:
@@ -753,9 +762,16 @@ class Ledger:
                     first = self._journal_error is None
                     self._journal_error = str(exc)
                     self._overflow.extendleft(reversed(entries))
-                    if finished:
+                    # Read again, not the flag from before the write: stop() and the writer's
+                    # last batch may have come while the append was failing.
+                    if finished or (self._stopping and self._writer_drained):
                         return
-                    self._spiller_wake.wait(timeout=backoff)
+                    # Sleep the backoff: new records do not cut it short (each retry rewrites the
+                    # whole backlog); shutdown does, and so does the database coming back.
+                    self._spill_now = False
+                    self._spiller_wake.wait_for(
+                        lambda: (self._stopping and self._writer_drained) or self._spill_now, timeout=backoff
+                    )
                 if first:
                     log.error(
                         "ledger journal %s unwritable, holding records in memory: %s", self.journal.path, exc
