@@ -152,6 +152,19 @@ __all__ = [
     "validate",
 ]
 
+#: Fields whose values may be secrets: a problem found there never quotes the value.
+SECRET_FIELDS: tuple[re.Pattern[str], ...] = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"upstreams\[\d+\]\.api_key",
+        r"tracing\.headers",
+        r"usage_logs\.headers",
+        r"state",
+        r"notify\.channels",
+        r"keys\.entries\[\d+\]\.sha256",
+    )
+)
+
 #: The only config version this sidecar reads.
 VERSION = "sidecar/v1"
 #: Provider shapes an upstream may declare.
@@ -755,6 +768,7 @@ def load(text: str, filename: str, *, env: Mapping[str, str] | None = None) -> C
     (``os.environ`` when ``None``).
     """
     r = Reader(filename, os.environ if env is None else env)
+    r.secret_fields = SECRET_FIELDS
     root = r.compose(text)
     if root is None:
         if not r.problems:

@@ -60,6 +60,14 @@ __all__ = [
 
 log = logging.getLogger("sidecar.notify")
 
+# Notification URLs are secrets (tokens in the userinfo, the path or the query), and the
+# libraries under apprise print them: apprise logs the URLs it loads (DEBUG) and the tokens
+# it finds malformed (WARNING), and urllib3 logs every request line, webhook path included
+# (DEBUG). Their records are dropped, from import on; the sidecar reports channel problems
+# itself, without the URL ("notify channel X: a URL is not a valid apprise URL").
+logging.getLogger("apprise").setLevel(logging.CRITICAL + 1)
+logging.getLogger("urllib3").setLevel(logging.WARNING)
+
 _FIRING_TYPES = {"page": "failure", "ticket": "warning", "info": "info"}
 
 
@@ -269,7 +277,6 @@ class Notifier:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
     ) -> None:
-        logging.getLogger("apprise").setLevel(max(logging.WARNING, logging.getLogger("apprise").level))
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff

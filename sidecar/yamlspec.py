@@ -49,7 +49,7 @@ from yaml.resolver import Resolver
 from sidecar.durations import parse_duration
 from sidecar.errors import ConfigError, Problem
 
-__all__ = ["Reader", "describe", "index", "join", "locate", "suggest"]
+__all__ = ["Reader", "describe", "index", "join", "locate", "scrub", "suggest"]
 
 T = TypeVar("T")
 
@@ -125,6 +125,21 @@ def locate(root: Node | None, path: str) -> Node | None:
     return node
 
 
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/\s:@\"]*):([^@\s\"/]*)@")
+# Messages that quote a key name, not a value: nothing to hide.
+_ABOUT_KEYS = ("unknown key ", "missing required key ", "duplicate key ", "keys must be")
+
+
+def scrub(message: str, secret: bool) -> str:
+    """``message`` fit to show: URL credentials masked, and with ``secret`` every quoted
+    value replaced by its length."""
+    message = _USERINFO.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", message)
+    if secret and not message.startswith(_ABOUT_KEYS):
+        message = _QUOTED.sub(lambda m: f"<{len(m.group(0)) - 2} characters, not shown>", message)
+    return message
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -140,14 +155,24 @@ class Reader:
         self.filename = filename
         self.env = env
         self.problems: list[Problem] = []
+        #: Field paths whose values may be secrets (API keys, headers, notification URLs):
+        #: a problem there never quotes the value (see :meth:`problem`).
+        self.secret_fields: tuple[re.Pattern[str], ...] = ()
+        self._substituted: set[int] = set()  # ids of scalars whose text came from ${VAR}
 
     # -- problems ---------------------------------------------------------------
 
     def problem(self, where: Node | yaml.Mark | None, field: str, message: str) -> None:
-        """Record a problem at a node's (or mark's) start; ``None`` means the top of the file."""
+        """Record a problem at a node's (or mark's) start; ``None`` means the top of the file.
+
+        A value quoted in ``message`` is left out when it may be a secret: the field is one
+        of :attr:`secret_fields`, or the value came from an environment variable (which is
+        where secrets are kept out of the file). Credentials in a quoted URL are always masked.
+        """
         mark = where.start_mark if isinstance(where, Node) else where
         line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
-        self.problems.append(Problem(self.filename, line, column, field, message))
+        secret = id(where) in self._substituted or any(p.match(field) for p in self.secret_fields)
+        self.problems.append(Problem(self.filename, line, column, field, scrub(message, secret)))
 
     def raise_for_problems(self) -> None:
         """Raise one :class:`ConfigError` with every problem so far, sorted by position."""
@@ -295,6 +320,7 @@ class Reader:
             return None
         if result == text:
             return text, node.tag
+        self._substituted.add(id(node))
         if node.style is None:  # plain: type the substituted text as YAML would
             tag: str = _RESOLVER.resolve(ScalarNode, result, (True, False))  # type: ignore[no-untyped-call]
             return result, tag
