@@ -22,6 +22,7 @@ the one awaited call, bounded by ``state.timeout``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -242,8 +243,12 @@ class Gateway:
                 log.exception("gateway: polling the circuit breakers failed")
 
     async def stop(self) -> None:
+        """Stop the watchers and the breaker poll; close the Redis connections."""
         if self._poll_task is not None:
             self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+            self._poll_task = None
         await self.secrets.stop()
         if self.keys_watcher is not None:
             await self.keys_watcher.stop()
