@@ -567,13 +567,16 @@ class Proxy:
                 call.route_name = planned.route
                 targets = planned.targets
                 if not targets:
-                    return self._reject(
-                        call,
-                        503,
-                        f"every upstream of route {planned.route} is unavailable (circuit open)",
-                        "circuit_open",
-                        "circuit_open",
+                    what = (
+                        f"every upstream of route {planned.route}"
+                        if planned.route
+                        else f"upstream {route.name}"
                     )
+                    refused = self._reject(
+                        call, 503, f"{what} is unavailable (circuit open)", "circuit_open", "circuit_open"
+                    )
+                    refused.headers["retry-after"] = str(max(1, math.ceil(planned.retry_after)))
+                    return refused
             refusal = await gateway.admit(call, body)
             if refusal is not None:
                 return self._throttle(call, refusal)

@@ -77,6 +77,7 @@ class Planned:
 
     route: str
     targets: list[Target]
+    retry_after: float = 0.0  # with no target: seconds until a breaker lets a probe through
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,7 +391,7 @@ class Gateway:
             if breaker is None:
                 return None
             if not breaker.available(now):
-                return Planned("", [])
+                return Planned("", [], breaker.retry_after(now))
             return Planned("", [Target(mounted, None, "", float("inf"), frozenset())])
         weight = routes.effective_weight(self.canary, route)
         plan = routes.plan(
@@ -408,6 +409,13 @@ class Gateway:
             )
             for a in plan.attempts
         ]
+        if not targets:
+            waits = [
+                self.breakers[t.upstream].retry_after(now)
+                for t in route.targets
+                if t.upstream in self.breakers
+            ]
+            return Planned(route.name, [], min(waits, default=1.0))
         return Planned(route.name, targets)
 
     def _probe_allowed(self, now: float) -> Callable[[str], bool]:
