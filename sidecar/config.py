@@ -159,7 +159,7 @@ SECRET_FIELDS: tuple[re.Pattern[str], ...] = tuple(
         r"upstreams\[\d+\]\.api_key",
         r"tracing\.headers",
         r"usage_logs\.headers",
-        r"state",
+        r"state$",  # state.url itself is quoted with its password masked (sharedstate.redacted_url)
         r"notify\.channels",
         r"keys\.entries\[\d+\]\.sha256",
     )
