@@ -263,8 +263,12 @@ class Sidecar:
             await self._admin_runner.cleanup()
             self._admin_runner = None
 
-    async def _start_gateway(self, config: Config) -> None:
-        """Keys, limits, routes, breakers and canaries, when any of their sections is configured."""
+    async def _start_gateway(self, config: Config, *, reloading: bool = False) -> None:
+        """Keys, limits, routes, breakers and canaries, when any of their sections is configured.
+
+        On a reload that adds the first gateway section, the proxy consults the gateway at
+        once: until its keys file is read, calls get 401, never an unauthenticated pass.
+        """
         if self.gateway is not None or self.proxy is None:
             return
         gateway = Gateway(config, self.metrics)
@@ -276,7 +280,10 @@ class Sidecar:
             return estimator.estimate(model, shape.prompt_text(body), None).input or 0
 
         gateway.estimator = prompt_tokens
-        await gateway.start(config.data_dir)
+        if reloading:
+            self.gateway = gateway
+            self.proxy.gateway = gateway
+        await gateway.start(config.data_dir, strict=not reloading)
         alerting = self.alerting
         if alerting is not None:
             gateway.notify = alerting.notify_event
@@ -371,7 +378,7 @@ class Sidecar:
                 if self.alerting is not None:
                     self.alerting.engine.attempt_rules = frozenset(self.gateway.rollback_rules)
             else:
-                task = loop.create_task(self._start_gateway(config))
+                task = loop.create_task(self._start_gateway(config, reloading=True))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 

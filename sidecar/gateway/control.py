@@ -210,12 +210,16 @@ class Gateway:
             task = asyncio.ensure_future(self.keys_watcher.start(strict=False))
             task.add_done_callback(_log_failure)
 
-    async def start(self, data_dir: Path) -> None:
-        """Read secret files, the keys file and the canary state (in threads); connect Redis."""
+    async def start(self, data_dir: Path, *, strict: bool = True) -> None:
+        """Read secret files, the keys file and the canary state (in threads); connect Redis.
+
+        ``strict``: a keys file that cannot be read raises :class:`ConfigError` (at process
+        start); otherwise (a reload) its problems are logged and calls get 401 until it is fixed.
+        """
         await self.secrets.start()
         if self.config.keys is not None:
             self.keys_watcher = KeysFileWatcher(self.config.keys, on_reload=self._count_reload)
-            await self.keys_watcher.start()
+            await self.keys_watcher.start(strict=strict)
         self.canary_path = data_dir / CANARY_STATE_FILE
         self.canary = await asyncio.to_thread(self._load_canary, self.canary_path)
         self._apply(self.config)
