@@ -333,3 +333,26 @@ async def test_disabled_sink_accepts_and_does_nothing() -> None:
     assert sink.offer(BASE)
     await sink.stop(1.0)
     assert sink.exported == 0
+
+
+def test_gateway_decisions_become_span_events_and_attributes() -> None:
+    from opentelemetry.sdk.resources import Resource
+
+    from sidecar.model import GatewayEvent, UpstreamAttempt
+    from sidecar.tracing import span_attributes, to_span
+
+    record = rec(
+        route="chat",
+        variant="candidate",
+        attempts=(UpstreamAttempt("a", "5xx", 0.0, 0.1), UpstreamAttempt("b", "success", 0.1, 0.2)),
+        events=(GatewayEvent("fallback", 0.1, (("from", "a"), ("to", "b"), ("reason", "5xx"))),),
+    )
+    attrs = span_attributes(record)
+    assert attrs["sidecar.route"] == "chat" and attrs["sidecar.variant"] == "candidate"
+    assert attrs["sidecar.attempts"] == 2 and attrs["sidecar.attempted_upstreams"] == ["a", "b"]
+    span = to_span(record, Resource({}))
+    [event] = span.events
+    assert event.name == "sidecar.fallback"
+    assert dict(event.attributes or {}) == {"from": "a", "to": "b", "reason": "5xx"}
+    assert event.timestamp == span.start_time + 100_000_000  # 0.1 s after the call started
+    assert "sidecar.route" not in span_attributes(BASE) and not to_span(BASE, Resource({})).events
