@@ -45,9 +45,7 @@ from hardening.support import SidecarProcess, metric
 from sidecar.gateway.keys import new_key
 from sidecar.providers import detect
 from sidecar.tokens import Estimator
-from tests.test_sharedstate_redis import PASSWORD, REDIS_SERVER, RedisServer
-
-pytestmark = pytest.mark.skipif(not Path(REDIS_SERVER).exists(), reason="redis-server is not installed")
+from tests.test_sharedstate_redis import PASSWORD, RedisServer
 
 MODEL = "gpt-4o-mini"
 CLAUDE = "claude-3-5-haiku"
