@@ -214,6 +214,12 @@ class ApiKeyConfig:
     from_env: str | None = None
     from_file: Path | None = None
 
+    def header_for(self, value: str | None) -> tuple[str, str] | None:
+        """The header to set for the key ``value`` (None when there is no key to set)."""
+        if not value:
+            return None
+        return self.header, f"{self.scheme} {value}" if self.scheme else value
+
 
 @dataclass(frozen=True)
 class Timeouts:

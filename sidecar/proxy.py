@@ -25,7 +25,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -101,21 +100,12 @@ class Route:
         return self.config.name
 
     def api_key_header(self) -> tuple[str, str] | None:
-        """The provider key header to set, read from the environment or a secret file."""
+        """The provider key header from the environment. A key read from a file always goes
+        through the gateway, which reads it off the event loop (``Gateway.provider_key``)."""
         key = self.config.api_key
-        if key is None:
+        if key is None or not key.from_env:
             return None
-        value: str | None = None
-        if key.from_env:
-            value = os.environ.get(key.from_env)
-        elif key.from_file:
-            try:
-                value = Path(key.from_file).read_text().strip()
-            except OSError:
-                value = None
-        if not value:
-            return None
-        return key.header, f"{key.scheme} {value}" if key.scheme else value
+        return key.header_for(os.environ.get(key.from_env))
 
 
 def _route(upstream: UpstreamConfig) -> Route:
@@ -713,7 +703,8 @@ class Proxy:
                 strip_usage = True
         key = route.api_key_header() if gateway is None else gateway.provider_key(route.config)
         if key is not None:
-            headers = headers.copy()
+            if target is not None:
+                headers = headers.copy()  # a fallback attempt may set another upstream's key header
             headers[key[0]] = key[1]
         url = URL(route.base + suffix, encoded=True)
         call.upstream_called = True

@@ -350,6 +350,26 @@ def _assert_exactly_once(data_dir: Path, ids: list[str]) -> Counter[str]:
     return rows
 
 
+def _report_once_each(
+    data_dir: Path,
+    ids: list[str],
+    durations: list[float],
+    started: float,
+    figures: dict[str, object],
+    label: str,
+) -> None:
+    """Every call in the ledger exactly once; the figures printed; no call slower than CALL_LIMIT."""
+    rows = _assert_exactly_once(data_dir, ids)
+    figures.update(
+        calls=len(ids),
+        rows=sum(rows.values()),
+        slowest_call_s=round(max(durations), 3),
+        wall_s=round(time.monotonic() - started, 1),
+    )
+    print(label, figures)
+    assert max(durations) < CALL_LIMIT
+
+
 def _require(condition: object, message: str) -> None:
     """A precondition of a test, reported apart from its assertions."""
     if not condition:
@@ -426,16 +446,7 @@ async def test_full_disk_every_call_completes_and_the_ledger_loses_nothing(
         assert reading["lost"] == 0 and reading["rows_written"] + reading["replayed"] == calls, reading
 
         await _sigterm(sc)
-    ids = before + full + after
-    rows = _assert_exactly_once(data_dir, ids)
-    figures.update(
-        calls=len(ids),
-        rows=sum(rows.values()),
-        slowest_call_s=round(max(durations), 3),
-        wall_s=round(time.monotonic() - started, 1),
-    )
-    print("disk full:", figures)
-    assert max(durations) < CALL_LIMIT
+    _report_once_each(data_dir, before + full + after, durations, started, figures, "disk full:")
 
 
 async def _past_max_backlog(
@@ -522,16 +533,7 @@ async def test_read_only_data_directory_holds_records_until_it_is_writable(
         assert _accounted(reading) == calls and reading["backlog"] == 0, reading
         assert reading["lost"] == 0 and reading["rows_written"] + reading["replayed"] == calls, reading
         await _sigterm(sc)
-    ids = held + after
-    rows = _assert_exactly_once(data_dir, ids)
-    figures.update(
-        calls=len(ids),
-        rows=sum(rows.values()),
-        slowest_call_s=round(max(durations), 3),
-        wall_s=round(time.monotonic() - started, 1),
-    )
-    print("read-only:", figures)
-    assert max(durations) < CALL_LIMIT
+    _report_once_each(data_dir, held + after, durations, started, figures, "read-only:")
 
 
 async def test_held_records_are_written_once_the_disk_has_room_without_new_traffic(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -282,10 +283,7 @@ class Gateway:
         key = upstream.api_key
         if key is None:
             return None
-        value = _key_value(key, self.secrets)
-        if not value:
-            return None
-        return key.header, f"{key.scheme} {value}" if key.scheme else value
+        return key.header_for(_key_value(key, self.secrets))
 
     # -- rate limits ------------------------------------------------------------------------
     async def admit(self, call: _Call, body: bytes) -> Refusal | None:
@@ -594,8 +592,6 @@ class Gateway:
 
 def requested_max_tokens(body: bytes) -> int | None:
     """The request's output cap (``max_tokens``, ``max_completion_tokens``, ``max_output_tokens``)."""
-    import json
-
     try:
         payload = json.loads(body)
     except ValueError:
