@@ -217,6 +217,25 @@ async def test_unavailable_database_spills_then_replays_exactly_once(tmp_path: P
     assert sorted(r["request_id"] for r in rows(tmp_path)) == sorted(f"req-{i}" for i in range(400))
 
 
+async def test_stop_folds_the_journal_in_when_the_database_came_back(tmp_path: Path) -> None:
+    """The database works again but the writer's backoff has not reopened it yet when the sidecar
+    stops: stop() tries once more, so the spilled rows are in the database, not left for a restart."""
+    blocker = tmp_path / "ledger.sqlite3"
+    blocker.mkdir()
+    ledger = Ledger(FAST, tmp_path)
+    await ledger.start()
+    for i in range(120):
+        ledger.offer(rec(i))
+    assert await ledger.flush()
+    assert ledger.status().spilled == 120
+    blocker.rmdir()  # back, and stop() at once: well inside the writer's 0.5 s reopen backoff
+    await ledger.stop(5.0)
+    status = ledger.status()
+    assert (status.replayed, status.lost, status.journal_pending) == (120, 0, False)
+    assert sorted(r["request_id"] for r in rows(tmp_path)) == sorted(f"req-{i}" for i in range(120))
+    assert not await asyncio.to_thread(Journal(tmp_path / "ledger.journal").pending)
+
+
 async def test_replay_after_restart_and_twice_is_exactly_once(tmp_path: Path) -> None:
     blocker = tmp_path / "ledger.sqlite3"
     blocker.mkdir()

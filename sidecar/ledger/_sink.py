@@ -529,6 +529,11 @@ class Ledger:
         # Let the spiller finish, then fold the journal into the database.
         if len(self._threads) > 1:
             self._threads[1].join()
+        if store is None and self._locked and self.journal.pending():
+            # The database failed in the last rounds and the backoff has not reopened it: one more
+            # try, so rows spilled while it was down are in the database when the sidecar stops
+            # rather than at its next start (if it still fails, they wait in the journal).
+            store = self._open()
         if store is not None:
             store = self._replay(store)
             if store is not None:
