@@ -25,7 +25,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from prometheus_client import CollectorRegistry
 
 from sidecar.model import CallRecord, Usage
-from sidecar.tracing import TracingSettings, TracingSink
+from sidecar.tracing import TracingSettings, TracingSink, build_exporter, build_resource, to_span
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -199,6 +199,30 @@ async def test_http_protobuf_export(http_receiver: tuple[HttpReceiver, int]) -> 
     assert receiver.headers[0]["Content-Type"] == "application/x-protobuf"
     assert receiver.headers[0]["Content-Encoding"] == "gzip"
     assert registry.get_sample_value("llm_spans_exported_total") == 2
+
+
+async def test_http_export_sends_the_wire_encoding(http_receiver: tuple[HttpReceiver, int]) -> None:
+    """The OTLP/HTTP exporter sends sidecar.otlp_wire's bytes (not the SDK's slow encoder), and
+    the collector decodes the very message the SDK's encoder would have built."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    receiver, port = http_receiver
+    settings = TracingSettings(
+        enabled=True, endpoint=f"http://127.0.0.1:{port}/v1/traces", compression="gzip"
+    )
+    resource = build_resource(settings)
+    spans = [to_span(JSON_CALL, resource), to_span(STREAM_CALL, resource)]
+    exporter = build_exporter(settings)
+    try:
+        result = await asyncio.to_thread(exporter.export, spans)
+    finally:
+        await asyncio.to_thread(exporter.shutdown)
+    assert result is SpanExportResult.SUCCESS
+    assert (getattr(exporter, "wire_exports", None), getattr(exporter, "sdk_exports", None)) == (1, 0)
+    assert len(receiver.requests) == 1
+    assert receiver.requests[0] == encode_spans(spans)
+    _assert_linked(_spans(receiver.requests), settings.service_name)
 
 
 class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
