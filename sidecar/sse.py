@@ -181,6 +181,10 @@ class SSEDecoder:
         #: Number of events discarded because they exceeded ``max_event_bytes``.
         self.oversized = 0
 
+    def idle(self) -> bool:
+        """Whether the next chunk starts on an event boundary (nothing is pending)."""
+        return not self._buf and not self._discarding
+
     def feed(self, chunk: bytes) -> list[Event]:
         """Add the next chunk of the stream; return the events it completed, in order."""
         if not chunk:

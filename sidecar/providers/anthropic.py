@@ -211,6 +211,9 @@ class MessagesStreamObserver(StreamObserver):
     else of interest in their bytes are kept for the text only.
     """
 
+    plain_prefix = _DELTA_LINE + b"data: {"
+    needs_parse = _DELTA_NEEDS_PARSE
+
     def __init__(self, strip_usage_chunk: bool = False) -> None:
         super().__init__(strip_usage_chunk)
         self._fields: dict[str, int] = {}

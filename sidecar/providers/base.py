@@ -119,6 +119,12 @@ class StreamObserver:
     were parsed.
     """
 
+    #: The bytes that open every content-only event this stream's observer skips unparsed
+    #: (``data: {`` for chat chunks), for the chunk fast path of :meth:`feed`; ``None``: none.
+    plain_prefix: bytes | None = None
+    #: Finds, in an event's bytes, a key that makes it worth parsing (with ``plain_prefix``).
+    needs_parse: re.Pattern[bytes] | None = None
+
     def __init__(self, strip_usage_chunk: bool = False) -> None:
         self.strip_usage_chunk = strip_usage_chunk
         #: True from the first event that carries generated content on.
@@ -132,7 +138,7 @@ class StreamObserver:
         self._service_tier: str | None = None
         self._complete = False
         self._malformed = False
-        self._kept: list[Event] = []  # content events, in order, for the text
+        self._kept: list[Event | bytes] = []  # content events (or runs of them), in order, for the text
         self._kept_bytes = 0
         self._late: TextCollector | None = None  # text of content events past MAX_KEPT_BYTES
 
@@ -140,12 +146,16 @@ class StreamObserver:
         """Observe the next decompressed bytes; return the bytes to forward (see class doc)."""
         if self._closed:
             return b"" if self.strip_usage_chunk else data
-        events = self._decoder.feed(data)
-        observe = self._observe
         if not self.strip_usage_chunk:
-            for event in events:
+            if self.saw_content and self._plain_run(data):
+                self._keep(data)
+                return data
+            observe = self._observe
+            for event in self._decoder.feed(data):
                 observe(event, False)
             return data
+        events = self._decoder.feed(data)
+        observe = self._observe
         return b"".join([event.raw for event in events if observe(event, False)])
 
     def close(self) -> bytes:
@@ -186,16 +196,47 @@ class StreamObserver:
         """Add the generated text of one kept event to ``text`` (never raises)."""
         raise NotImplementedError
 
-    def _keep(self, event: Event) -> None:
-        """Keep a content event for the text; past :data:`MAX_KEPT_BYTES`, extract it now."""
+    def _plain_run(self, data: bytes) -> bool:
+        """Whether ``data`` is one or more whole content-only events that need no parsing.
+
+        The chunk fast path: after the first content, a chunk that starts on an event
+        boundary (nothing pending in the decoder) and is nothing but events each made of
+        :attr:`plain_prefix`, one JSON object on the rest of its line and the blank line,
+        with no key :attr:`needs_parse` finds and no escape that could hide one, is the
+        run of events the subclass would each skip unparsed (see :meth:`_observe`); it is
+        then kept whole, without being cut into events. The structure is proved by
+        counting: ``k`` blank-line ends, ``k - 1`` of them followed by the prefix, and no
+        line break but the prefix's own, the data line's and the blank line's.
+        """
+        prefix = self.plain_prefix
+        if (
+            prefix is None
+            or not data.startswith(prefix)
+            or not data.endswith(b"}\n\n")
+            or _CR in data
+            or not self._decoder.idle()
+        ):
+            return False
+        events = data.count(b"\n\n")
+        if data.count(b"\n") != events * (prefix.count(b"\n") + 2):
+            return False
+        if events > 1 and data.count(b"}\n\n" + prefix) != events - 1:
+            return False
+        pattern = self.needs_parse
+        return pattern is not None and pattern.search(data) is None and not may_hide_keys(data)
+
+    def _keep(self, event: Event | bytes) -> None:
+        """Keep a content event (or a run of whole ones, as bytes) for the text; past
+        :data:`MAX_KEPT_BYTES`, extract its text now."""
         if self._kept_bytes < MAX_KEPT_BYTES:
             self._kept.append(event)
-            self._kept_bytes += len(event.raw)
+            self._kept_bytes += len(event) if isinstance(event, bytes) else len(event.raw)
             return
         if self._late is None:
             self._late = TextCollector()
         if not self._late.full:
-            self._text_of(event, self._late)
+            for one in _events_of(event):
+                self._text_of(one, self._late)
 
     def _parse(self, data: str, final: bool) -> dict[str, object] | None:
         """The event's JSON object, or None (and ``malformed`` set) when it is not one."""
@@ -244,14 +285,25 @@ class LazyText:
         return "LazyText(built)" if self._value is not None else "LazyText(not built)"
 
 
+def _events_of(kept: Event | bytes) -> list[Event] | tuple[Event]:
+    """The events of a kept item: itself, or those of a run of whole events kept as bytes."""
+    if isinstance(kept, Event):
+        return (kept,)
+    return SSEDecoder().feed(kept)
+
+
 def _fill_from_events(
-    events: tuple[Event, ...], text_of: Callable[[Event, TextCollector], None], late: str, text: TextCollector
+    events: tuple[Event | bytes, ...],
+    text_of: Callable[[Event, TextCollector], None],
+    late: str,
+    text: TextCollector,
 ) -> None:
     """A stream's text: its kept events' text, then what was extracted past the budget."""
-    for event in events:
-        if text.full:
-            break
-        text_of(event, text)
+    for kept in events:
+        for event in _events_of(kept):
+            if text.full:
+                break
+            text_of(event, text)
     text.add(late)
 
 

@@ -433,6 +433,9 @@ class ChatStreamObserver(StreamObserver):
     deltas: kept for the text, not parsed.
     """
 
+    plain_prefix = b"data: {"
+    needs_parse = _CHAT_NEEDS_PARSE
+
     def __init__(self, strip_usage_chunk: bool, legacy: bool) -> None:
         super().__init__(strip_usage_chunk)
         self._legacy = legacy

@@ -1,0 +1,139 @@
+"""The stream observers' chunk fast path: a run of whole content-only events kept unparsed.
+
+Under load an upstream's events arrive several to a read. A run of content deltas that
+need no parsing is kept whole (not cut into events); everything the observer reports
+must be what it reports when the same events arrive one by one, and a run holding
+anything that needs parsing must take the slow path.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sidecar.providers import SHAPES, Shape
+from sidecar.providers.base import ResponseInfo
+
+CHAT = SHAPES[("openai", "chat")]
+MESSAGES = SHAPES[("anthropic", "messages")]
+
+
+def chat_event(delta: dict[str, object], finish: str | None = None, usage: object = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "usage": usage,
+    }
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
+CHAT_USAGE = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":7,"completion_tokens":9}}\n\n'
+CHAT_HEAD = chat_event({"role": "assistant", "content": "Hello"})
+CHAT_WORDS = [chat_event({"content": f" w{i}"}) for i in range(6)]
+CHAT_TAIL = [chat_event({}, finish="stop"), CHAT_USAGE, b"data: [DONE]\n\n"]
+
+
+def messages_event(kind: str, payload: dict[str, object]) -> bytes:
+    return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **payload}).encode() + b"\n\n"
+
+
+def text_delta(text: str) -> bytes:
+    return messages_event("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": text}})
+
+
+MSG_HEAD = [
+    messages_event(
+        "message_start",
+        {"message": {"id": "msg_1", "model": "claude-x", "usage": {"input_tokens": 11, "output_tokens": 1}}},
+    ),
+    messages_event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+    text_delta("Hi"),
+]
+MSG_WORDS = [text_delta(f" w{i}") for i in range(6)]
+MSG_TAIL = [
+    messages_event("content_block_stop", {"index": 0}),
+    messages_event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 8}}),
+    messages_event("message_stop", {}),
+]
+
+
+def run(shape: Shape, chunks: list[bytes]) -> tuple[bytes, ResponseInfo, list[object]]:
+    """What the client gets, what is reported, and what was kept for the text."""
+    observer = shape.stream_observer(False)
+    out = b"".join(observer.feed(chunk) for chunk in chunks) + observer.close()
+    return out, observer.result(), list(observer._kept)
+
+
+@pytest.mark.parametrize(
+    ("shape", "head", "words", "tail"),
+    [(CHAT, [CHAT_HEAD], CHAT_WORDS, CHAT_TAIL), (MESSAGES, MSG_HEAD, MSG_WORDS, MSG_TAIL)],
+    ids=["chat", "messages"],
+)
+def test_a_run_of_content_events_is_kept_whole_and_reports_the_same(
+    shape: Shape, head: list[bytes], words: list[bytes], tail: list[bytes]
+) -> None:
+    events = [*head, *words, *tail]
+    expected_out, expected, _ = run(shape, events)
+
+    coalesced = [*head, b"".join(words[:4]), b"".join(words[4:]), *tail]
+    out, info, kept = run(shape, coalesced)
+    assert out == expected_out == b"".join(events)
+    assert info == expected  # usage, model, id, finish reasons, completeness and the text
+    assert info.output_text == expected.output_text and " w5" in info.output_text
+    assert b"".join(words[:4]) in kept  # the fast path was taken: the run kept as one piece
+
+
+def spliced(event: bytes) -> list[bytes]:
+    """The chat stream with ``event`` in the middle of a run of content events."""
+    return [CHAT_HEAD, b"".join([CHAT_WORDS[0], event, CHAT_WORDS[1]]), *CHAT_TAIL]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        chat_event({}, finish="length"),  # a finish reason inside the run
+        b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n',  # usage inside it
+        b'data: {"choices":[],"\\u0075sage":{"prompt_tokens":1,"completion_tokens":3}}\n\n',  # escaped key
+        # one event in two data lines
+        b'data: {"choices":[{"index":0,"delta":{"content":"a"},\ndata: "finish_reason":"stop"}]}\n\n',
+        b": a comment\n\n",
+        b"event: other\ndata: {}\n\n",
+        b'data: {"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":null}]}\r\n\r\n',  # CRLF
+    ],
+    ids=["finish", "usage", "escaped-key", "two-lines", "comment", "named-event", "crlf"],
+)
+def test_a_run_holding_anything_to_parse_takes_the_slow_path(odd: bytes) -> None:
+    chunks = spliced(odd)
+    per_event = [CHAT_HEAD, CHAT_WORDS[0], odd, CHAT_WORDS[1], *CHAT_TAIL]
+    out, info, kept = run(CHAT, chunks)
+    expected_out, expected, _ = run(CHAT, per_event)
+    assert out == expected_out
+    assert info == expected
+    assert chunks[1] not in kept
+
+
+def test_a_run_after_a_partial_event_takes_the_slow_path() -> None:
+    """A chunk that completes an event left pending by the previous one is not a run."""
+    first, second = CHAT_WORDS[0][:20], CHAT_WORDS[0][20:] + CHAT_WORDS[1]
+    chunks = [CHAT_HEAD, first, second, *CHAT_TAIL]
+    out, info, kept = run(CHAT, chunks)
+    expected_out, expected, _ = run(CHAT, [CHAT_HEAD, CHAT_WORDS[0], CHAT_WORDS[1], *CHAT_TAIL])
+    assert out == expected_out and info == expected
+    assert not any(isinstance(k, bytes) for k in kept)
+
+
+def test_the_text_of_runs_past_the_kept_budget_is_extracted_as_they_arrive() -> None:
+    """Past MAX_KEPT_BYTES a run's text is taken at once (memory per stream stays bounded)."""
+    from sidecar.providers.base import MAX_KEPT_BYTES
+
+    run_bytes = b"".join(CHAT_WORDS)
+    runs = MAX_KEPT_BYTES // len(run_bytes) + 20
+    chunks = [CHAT_HEAD, *[run_bytes] * runs, *CHAT_TAIL]
+    _, info, kept = run(CHAT, chunks)
+    kept_bytes = sum(len(k) for k in kept if isinstance(k, bytes))
+    assert MAX_KEPT_BYTES <= kept_bytes < MAX_KEPT_BYTES + len(run_bytes)
+    words = "".join(f" w{i}" for i in range(6))
+    assert info.output_text == "Hello" + words * runs
