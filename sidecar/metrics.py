@@ -256,7 +256,7 @@ class Metrics:
         if record.malformed:
             self.malformed.labels(record.upstream, record.provider).inc()
         for attempt in record.attempts:
-            self.upstream_attempts.labels(attempt.upstream, attempt.outcome).inc()
+            child(self.upstream_attempts, (attempt.upstream, attempt.outcome)).inc()
         for event in record.events:
             if event.name == "fallback":
                 moved = dict(event.attributes)
