@@ -313,18 +313,15 @@ class CallLogSink(QueueSink):
         millisecond the worker would hand over nearly every line on its own, so after a
         batch well under the limit it waits :data:`LINGER` seconds and the next batch
         takes what came meanwhile; at high rates batches are full and it never waits.
-        The lines are formatted in the thread too (records are immutable): formatting a
-        batch on the loop would hold up the calls in flight for a millisecond at a time.
         """
+        text = "\n".join(map(to_log_line, records)) + "\n"
         assert self._executor is not None, "start() first"
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._write, records)
+        await loop.run_in_executor(self._executor, self._write, text, len(records))
         if len(records) < self._batch // 2:
             await asyncio.sleep(LINGER)
 
-    def _write(self, records: list[CallRecord]) -> None:
-        count = len(records)
-        text = "\n".join(map(to_log_line, records)) + "\n"
+    def _write(self, text: str, count: int) -> None:
         try:
             self.stream.write(text)
             self.stream.flush()
