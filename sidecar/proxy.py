@@ -378,6 +378,7 @@ class _Call:
         "finished",
         "ids",
         "info",
+        "max_tokens",
         "observer",
         "provider",
         "request",
@@ -412,6 +413,7 @@ class _Call:
         self.request_model: str | None = None
         self.client_model: str | None = None  # the model the client asked for (before any rewrite)
         self.stream = False
+        self.max_tokens: int | None = None  # the request's output cap, when its shape read it
         self.status = 0
         self.error_type: str | None = None
         self.ttft: float | None = None
@@ -528,6 +530,7 @@ class Proxy:
             info = call.shape.parse_request(body)
             call.request_model = call.client_model = recorded_text(info.model)
             call.stream = info.stream
+            call.max_tokens = info.max_tokens
             wants_usage = info.wants_usage
 
         if call.admission is not None and not call.admission.allows_model(call.request_model):

@@ -847,3 +847,24 @@ def test_output_text_is_capped() -> None:
     body = b"".join(sse((None, {"choices": [{"delta": {"content": piece}}]})) for _ in range(5))
     result, _ = observe(CHAT, [body])
     assert len(result.output_text) == MAX_OUTPUT_CHARS
+
+
+@pytest.mark.parametrize(
+    ("body", "cap"),
+    [
+        (b'{"model": "m", "max_tokens": 300}', 300),
+        (b'{"model": "m", "max_completion_tokens": 200, "max_tokens": 300}', 200),  # the current name wins
+        (b'{"model": "m", "max_output_tokens": 50}', 50),  # the Responses API's name
+        (b'{"model": "m", "max_tokens": true}', None),
+        (b'{"model": "m", "max_tokens": 0}', None),
+        (b'{"model": "m", "max_tokens": -5}', None),
+        (b'{"model": "m", "max_tokens": 12.5}', None),
+        (b'{"model": "m", "max_tokens": "100"}', None),
+        (b'{"model": "m"}', None),
+        (b"[1, 2]", None),
+    ],
+)
+def test_parse_request_reads_the_output_cap(body: bytes, cap: int | None) -> None:
+    """The token rate limits charge max_tokens up front: the shape's one parse reads it."""
+    for shape in SHAPES.values():
+        assert shape.parse_request(body).max_tokens == cap, shape

@@ -41,6 +41,7 @@ from sidecar.gateway.breaker import BreakerState, CircuitBreaker, Transition
 from sidecar.gateway.secrets import KeysFileWatcher, SecretFiles
 from sidecar.metrics import Metrics
 from sidecar.model import Usage
+from sidecar.providers.base import output_cap
 
 if TYPE_CHECKING:
     from sidecar.gateway.budgets import SharedBudgets
@@ -325,7 +326,10 @@ class Gateway:
         prompt = 0
         if shape is not None and self.estimator is not None:
             prompt = await asyncio.to_thread(self.estimator, shape, body, call.request_model)
-        return ratelimit.estimate_request_tokens(prompt, requested_max_tokens(body), default_max_tokens)
+        # The shape read the output cap when it parsed the request; only a body no shape
+        # parsed (an unknown path) is read here.
+        cap = call.max_tokens if shape is not None else requested_max_tokens(body)
+        return ratelimit.estimate_request_tokens(prompt, cap, default_max_tokens)
 
     def _refusal(self, call: _Call, decision: Any) -> Refusal:
         reason = decision.reason or "rpm"
@@ -596,13 +600,7 @@ def requested_max_tokens(body: bytes) -> int | None:
         payload = json.loads(body)
     except ValueError:
         return None
-    if not isinstance(payload, dict):
-        return None
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        value = payload.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
+    return output_cap(payload) if isinstance(payload, dict) else None
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -42,6 +42,7 @@ from sidecar.providers.base import (
     lst,
     may_hide_keys,
     obj,
+    output_cap,
     path,
     plain_data_event,
     string,
@@ -125,7 +126,9 @@ class MessagesShape:
         request = load_object(body)
         if request is None:
             return UNPARSED_REQUEST
-        return RequestInfo(string(request.get("model")), request.get("stream") is True, True)
+        return RequestInfo(
+            string(request.get("model")), request.get("stream") is True, True, output_cap(request)
+        )
 
     def inject_stream_usage(self, body: bytes) -> bytes | None:
         """Nothing to inject: Anthropic streams always carry usage."""

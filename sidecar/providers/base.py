@@ -37,15 +37,31 @@ class RequestInfo:
 
     ``wants_usage`` is False only for an OpenAI chat/completions streaming request that
     did not ask for ``stream_options.include_usage`` (so no usage will be reported).
+    ``max_tokens`` is the request's output cap (see :func:`output_cap`), for the token rate
+    limits' up-front charge, so the body is parsed once.
     """
 
     model: str | None
     stream: bool
     wants_usage: bool
+    max_tokens: int | None = None
 
 
 #: The :class:`RequestInfo` of a body that is not a JSON object.
 UNPARSED_REQUEST = RequestInfo(None, False, True)
+
+#: Request keys that cap the output, in the order they are looked up: OpenAI chat's current
+#: and legacy names, the Responses API's, and Anthropic's ``max_tokens``.
+OUTPUT_CAP_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def output_cap(request: dict[str, object]) -> int | None:
+    """The request's output cap: the first of :data:`OUTPUT_CAP_KEYS` that is a positive integer."""
+    for key in OUTPUT_CAP_KEYS:
+        value = request.get(key)
+        if type(value) is int and value > 0:
+            return value
+    return None
 
 
 @dataclass(frozen=True, slots=True)

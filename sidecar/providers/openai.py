@@ -41,6 +41,7 @@ from sidecar.providers.base import (
     lst,
     may_hide_keys,
     obj,
+    output_cap,
     path,
     plain_data_event,
     string,
@@ -114,7 +115,7 @@ class _OpenAIShape:
         wants_usage = True
         if stream and self.usage_opt_in:
             wants_usage = path(request, "stream_options", "include_usage") is True
-        return RequestInfo(string(request.get("model")), stream, wants_usage)
+        return RequestInfo(string(request.get("model")), stream, wants_usage, output_cap(request))
 
     def inject_stream_usage(self, body: bytes) -> bytes | None:
         """The streaming request with ``stream_options.include_usage`` set, else None.
