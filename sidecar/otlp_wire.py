@@ -371,45 +371,51 @@ def _span(span: ReadableSpan) -> bytes:
 
 # The encoded parts of a resource or scope before and after its spans, by the object's
 # id; the entry holds the object so that its id is not reused while cached.
-_RESOURCES: dict[int, tuple[Resource, bytes, bytes]] = {}
-_SCOPES: dict[int, tuple[InstrumentationScope, bytes, bytes]] = {}
+_RESOURCES: dict[int, tuple[object, bytes, bytes]] = {}
+_SCOPES: dict[int, tuple[object, bytes, bytes]] = {}
 _CACHE_MAX = 64
+
+
+def _cached_parts(
+    cache: dict[int, tuple[object, bytes, bytes]], key: object, build: Callable[[], tuple[bytes, bytes]]
+) -> tuple[bytes, bytes]:
+    """``build()`` for ``key``, from ``cache`` when the same object was encoded before."""
+    hit = cache.get(id(key))
+    if hit is not None and hit[0] is key:
+        return hit[1], hit[2]
+    head, tail = build()
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    cache[id(key)] = (key, head, tail)
+    return head, tail
 
 
 def _resource_parts(resource: Resource) -> tuple[bytes, bytes]:
     """``ResourceSpans.resource`` and ``ResourceSpans.schema_url`` (around the scope spans)."""
-    hit = _RESOURCES.get(id(resource))
-    if hit is not None and hit[0] is resource:
-        return hit[1], hit[2]
-    attributes = _attributes(b"\x0a", resource.attributes, _RESOURCE_KV_DEPTH)
-    head = b"\x0a" + _varint(len(attributes)) + attributes
-    tail = _string_field(b"\x1a", resource.schema_url)
-    if len(_RESOURCES) >= _CACHE_MAX:
-        _RESOURCES.clear()
-    _RESOURCES[id(resource)] = (resource, head, tail)
-    return head, tail
+
+    def build() -> tuple[bytes, bytes]:
+        attributes = _attributes(b"\x0a", resource.attributes, _RESOURCE_KV_DEPTH)
+        return b"\x0a" + _varint(len(attributes)) + attributes, _string_field(b"\x1a", resource.schema_url)
+
+    return _cached_parts(_RESOURCES, resource, build)
 
 
 def _scope_parts(scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
     """``ScopeSpans.scope`` and ``ScopeSpans.schema_url`` (around the spans)."""
     if scope is None:
         return _EMPTY_SCOPE, b""
-    hit = _SCOPES.get(id(scope))
-    if hit is not None and hit[0] is scope:
-        return hit[1], hit[2]
-    body = b"".join(
-        (
-            _string_field(b"\x0a", scope.name),
-            _string_field(b"\x12", scope.version),
-            _attributes(b"\x1a", scope.attributes, _SCOPE_KV_DEPTH),
+
+    def build() -> tuple[bytes, bytes]:
+        body = b"".join(
+            (
+                _string_field(b"\x0a", scope.name),
+                _string_field(b"\x12", scope.version),
+                _attributes(b"\x1a", scope.attributes, _SCOPE_KV_DEPTH),
+            )
         )
-    )
-    head = b"\x0a" + _varint(len(body)) + body
-    tail = _string_field(b"\x1a", scope.schema_url)
-    if len(_SCOPES) >= _CACHE_MAX:
-        _SCOPES.clear()
-    _SCOPES[id(scope)] = (scope, head, tail)
-    return head, tail
+        return b"\x0a" + _varint(len(body)) + body, _string_field(b"\x1a", scope.schema_url)
+
+    return _cached_parts(_SCOPES, scope, build)
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
