@@ -134,6 +134,25 @@ def test_the_text_of_runs_past_the_kept_budget_is_extracted_as_they_arrive() -> 
     chunks = [CHAT_HEAD, *[run_bytes] * runs, *CHAT_TAIL]
     _, info, kept = run(CHAT, chunks)
     kept_bytes = sum(len(k) for k in kept if isinstance(k, bytes))
-    assert MAX_KEPT_BYTES <= kept_bytes < MAX_KEPT_BYTES + len(run_bytes)
+    assert MAX_KEPT_BYTES - len(run_bytes) < kept_bytes <= MAX_KEPT_BYTES
     words = "".join(f" w{i}" for i in range(6))
     assert info.output_text == "Hello" + words * runs
+
+
+def test_kept_events_and_runs_past_the_budget_keep_the_text_in_order() -> None:
+    """Events kept one by one (a CRLF stream is parsed per event) and runs, across the budget:
+    what is kept stays under it, and the text is whole and in arrival order."""
+    from sidecar.providers.base import MAX_KEPT_BYTES
+
+    crlf = [event.replace(b"\n", b"\r\n") for event in CHAT_WORDS]
+    run_bytes = b"".join(CHAT_WORDS)
+    rounds = MAX_KEPT_BYTES // (len(run_bytes) + len(b"".join(crlf))) + 10
+    chunks = [CHAT_HEAD]
+    for _ in range(rounds):
+        chunks += [*crlf, run_bytes]
+    _, info, kept = run(CHAT, [*chunks, *CHAT_TAIL])
+    kept_bytes = sum(len(k) if isinstance(k, bytes) else len(k.raw) for k in kept)  # type: ignore[attr-defined]
+    assert kept_bytes <= MAX_KEPT_BYTES
+    assert any(isinstance(k, bytes) for k in kept) and any(not isinstance(k, bytes) for k in kept)
+    words = "".join(f" w{i}" for i in range(6))
+    assert info.output_text == "Hello" + words * 2 * rounds

@@ -242,11 +242,13 @@ class StreamObserver:
         return pattern is not None and pattern.search(data) is None and not may_hide_keys(data)
 
     def _keep(self, event: Event | bytes) -> None:
-        """Keep a content event (or a run of whole ones, as bytes) for the text; past
-        :data:`MAX_KEPT_BYTES`, extract its text now."""
-        if self._kept_bytes < MAX_KEPT_BYTES:
+        """Keep a content event (or a run of whole ones, as bytes) for the text; one that would
+        take the kept bytes past :data:`MAX_KEPT_BYTES`, and every one after it, has its text
+        extracted now (so the kept ones always come first in the text)."""
+        size = len(event.raw) if isinstance(event, Event) else len(event)
+        if self._late is None and self._kept_bytes + size <= MAX_KEPT_BYTES:
             self._kept.append(event)
-            self._kept_bytes += len(event) if isinstance(event, bytes) else len(event.raw)
+            self._kept_bytes += size
             return
         if self._late is None:
             self._late = TextCollector()
