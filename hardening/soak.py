@@ -297,11 +297,21 @@ def check(
     else:
         problems.append("too short a run to judge RSS (fewer than 10 samples after warm-up)")
     if len(after_warmup) >= 10:
-        # Under steady traffic the descriptors (client and upstream connections) level off.
+        # Under steady traffic the descriptors (client and upstream connections) level off. The
+        # calls in flight are not steady (the mock upstream's latencies vary, and a busy host
+        # stretches them): each call in flight past the early peak may hold two more, its client
+        # connection and its upstream one (pooled after it ends), so the limit allows for that.
+        # A leak grows with the calls made (about 1,500 a minute), far past this allowance.
         third = len(after_warmup) // 3
-        early, late_fds = max(s.fds for s in after_warmup[:third]), max(s.fds for s in after_warmup[-third:])
-        sys.stdout.write(f"descriptors under load: at most {early} early, {late_fds} late\n")
-        if late_fds > early * 1.5 + args.fd_slack:
+        early_part, late_part = after_warmup[:third], after_warmup[-third:]
+        early, late_fds = max(s.fds for s in early_part), max(s.fds for s in late_part)
+        more_in_flight = max(0.0, max(s.inflight for s in late_part) - max(s.inflight for s in early_part))
+        allowed = early * 1.5 + args.fd_slack + 2 * more_in_flight
+        sys.stdout.write(
+            f"descriptors under load: at most {early} early, {late_fds} late "
+            f"(at most {allowed:.0f} allowed with {more_in_flight:.0f} more calls in flight)\n"
+        )
+        if late_fds > allowed:
             problems.append(f"descriptors keep growing under load: {early} early, {late_fds} late")
     if warm_fds is not None and args.idle_wait >= 16:
         # Idle, with the pooled connections expired, the sidecar is back where it started.
