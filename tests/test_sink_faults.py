@@ -46,7 +46,6 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +73,7 @@ from sidecar.ledger import DB_NAME, JOURNAL_NAME, Ledger, LedgerSettings, journa
 from sidecar.mock_upstream import start_mock_upstream
 from sidecar.model import CallRecord, Usage
 from tests.harness import make_config, running_sidecar
+from tests.test_ledger import rec
 
 # -- everything broken at once, in a real process ----------------------------------------------
 
@@ -385,30 +385,7 @@ async def test_a_provider_key_file_is_never_read_on_the_event_loop(tmp_path: Pat
 
 # -- ledger rows the database refuses --------------------------------------------------------------
 
-BASE = CallRecord(
-    request_id="req",
-    started_at=1735689600.25,
-    tenant="acme",
-    upstream="openai",
-    provider="openai",
-    operation="chat",
-    method="POST",
-    path="/v1/chat/completions",
-    stream=False,
-    status=200,
-    error_type=None,
-    request_model="gpt-4o",
-    response_model="gpt-4o-2024-08-06",
-    duration_s=0.5,
-    usage=Usage(input=100, cached_input=40, output=20),
-    cost_usd=Decimal("0.000123"),
-    price_version="v1",
-)
 FAST = LedgerSettings(flush_interval=0.02, batch_size=50)
-
-
-def rec(i: int, **changes: Any) -> CallRecord:
-    return dataclasses.replace(BASE, request_id=f"req-{i}", **changes)
 
 
 def bad_records() -> dict[str, CallRecord]:

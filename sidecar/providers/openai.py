@@ -329,10 +329,11 @@ def _choice_finish(response: dict[str, object]) -> dict[int, str]:
     return finish
 
 
-def _chat_message_text(response: dict[str, object], text: TextCollector) -> None:
-    """Generated text of a chat completion: content, refusal and tool calls of each choice."""
-    for choice in lst(response.get("choices")):
-        message = obj(path(choice, "message"))
+def _choices_text(choices: object, part: str, text: TextCollector) -> None:
+    """Generated text of each choice's ``part`` (``message``, or ``delta`` in a stream chunk):
+    content, refusal and tool calls."""
+    for choice in lst(choices):
+        message = obj(path(choice, part))
         if message is None:
             continue
         text.add(string(message.get("content")) or "")
@@ -341,6 +342,11 @@ def _chat_message_text(response: dict[str, object], text: TextCollector) -> None
             _add_tool_call(text, call)
         if message.get("function_call") is not None:
             _add_tool_call(text, message.get("function_call"))
+
+
+def _chat_message_text(response: dict[str, object], text: TextCollector) -> None:
+    """Generated text of a chat completion: content, refusal and tool calls of each choice."""
+    _choices_text(response.get("choices"), "message", text)
 
 
 def _choice_text(response: dict[str, object], text: TextCollector) -> None:
@@ -398,18 +404,8 @@ _CHAT_NEEDS_PARSE = re.compile(rb'"(?:usage|finish_reason)"[ \t]*:[ \t]*(?!null)
 def _chat_text(event: Event, text: TextCollector) -> None:
     """Generated text of a chat chunk: content, refusal and tool-call deltas."""
     chunk = loads(event.data) if event.data else None
-    if not isinstance(chunk, dict):
-        return
-    for choice in lst(chunk.get("choices")):
-        delta = obj(path(choice, "delta"))
-        if delta is None:
-            continue
-        text.add(string(delta.get("content")) or "")
-        text.add(string(delta.get("refusal")) or "")
-        for call in lst(delta.get("tool_calls")):
-            _add_tool_call(text, call)
-        if delta.get("function_call") is not None:
-            _add_tool_call(text, delta.get("function_call"))
+    if isinstance(chunk, dict):
+        _choices_text(chunk.get("choices"), "delta", text)
 
 
 def _completion_text(event: Event, text: TextCollector) -> None:
