@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.redis_server import RedisServer
 from tests.replay_upstream import ReplayUpstream, default_fixtures_dir
 
 
@@ -28,6 +29,17 @@ async def replay_upstream(fixtures_dir: Path) -> AsyncIterator[ReplayUpstream]:
         yield upstream
     finally:
         await upstream.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A ``redis-server`` on a free loopback port with ``requirepass``; killed at the end."""
+    server = RedisServer(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill()
 
 
 def _hypothesis_profiles() -> None:

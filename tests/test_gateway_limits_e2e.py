@@ -3,7 +3,7 @@
 Real ``python -m sidecar run`` processes (:class:`hardening.support.SidecarProcess`, which
 waits for the ready line on stderr and keeps the log) in front of a real aiohttp upstream
 written here, and, for the fleet, a real ``redis-server`` on a free loopback port with a
-password (:class:`tests.test_sharedstate_redis.RedisServer`), killed and restarted on the
+password (:class:`tests.redis_server.RedisServer`), killed and restarted on the
 same port by the tests.
 
 Exact counts: a bucket refills ``limit / 60`` per second, so a burst that is decided
@@ -29,7 +29,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +45,7 @@ from hardening.support import SidecarProcess, metric
 from sidecar.gateway.keys import new_key
 from sidecar.providers import detect
 from sidecar.tokens import Estimator
-from tests.test_sharedstate_redis import PASSWORD, RedisServer
+from tests.redis_server import PASSWORD, RedisServer
 
 MODEL = "gpt-4o-mini"
 CLAUDE = "claude-3-5-haiku"
@@ -194,17 +194,6 @@ async def upstream() -> AsyncIterator[Upstream]:
         yield server
     finally:
         await server.close()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A ``redis-server`` on a free loopback port with ``requirepass``; killed at the end."""
-    server = RedisServer(tmp_path)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.fixture(params=["local", "redis"])
