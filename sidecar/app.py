@@ -44,6 +44,7 @@ from sidecar.rules.state import Transition
 from sidecar.sinks import Sink
 from sidecar.tokens import Estimator
 from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
+from sidecar.upstream_client import UpstreamClient
 from sidecar.usagelogs import UsageLogsSink, resolve_usage_logs
 from sidecar.yamlspec import Reader, locate
 
@@ -143,7 +144,7 @@ class Sidecar:
         self.pipeline: Pipeline | None = None
         self.proxy: Proxy | None = None
         self.gateway: Gateway | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.client: UpstreamClient | None = None
         self._proxy_runner: web.BaseRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
@@ -177,17 +178,12 @@ class Sidecar:
             )
             self.alerting.on_reload_failure = self._count_reload_failures
             self.sinks.insert(2, self.alerting)
-        self.session = aiohttp.ClientSession(
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True),
-            trust_env=False,
-        )
+        self.client = UpstreamClient()
         self.pipeline = Pipeline(self.sinks, self.metrics, self.prices, self.estimator)
         await self.pipeline.start()  # the ledger replays its journal here
         if self.alerting is not None:
             await self._refill_rule_windows(self.alerting)
-        self.proxy = Proxy(self._proxy_settings(self.config), self.session, self.pipeline, self.metrics)
+        self.proxy = Proxy(self._proxy_settings(self.config), self.client, self.pipeline, self.metrics)
         self.proxy.body_read_timeout = self.config.limits.body_read_timeout
         if self.alerting is not None:
             self.proxy.budget_breach = self.alerting.budget_breach
@@ -256,9 +252,9 @@ class Sidecar:
             await self.pipeline.stop(timeout=max(1.0, self.config.shutdown.drain_timeout))
         if self.gateway is not None:
             await self.gateway.stop()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None

@@ -42,6 +42,7 @@ from sidecar.pipeline import EstimateRequest, Pipeline
 from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
 from sidecar.providers.base import UNPARSED_RESPONSE
 from sidecar.tenants import UNKNOWN, clean_tenant
+from sidecar.upstream_client import Origin, UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
     from sidecar.gateway.control import Admission, Gateway, Refusal, Target
@@ -62,9 +63,6 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-# Headers aiohttp's client would otherwise add on its own: the upstream must see the
-# client's request as sent (no Accept-Encoding the client did not ask for, above all).
-SKIP_AUTO_HEADERS = frozenset({"Accept-Encoding", "User-Agent", "Accept", "Content-Type"})
 MAX_PARSE_BYTES = 16 * 1024 * 1024  # decoded bytes of a JSON body kept for usage parsing
 ABORT_STATUS = 499
 # Longest wait for the next piece of a request body (nginx's client_body_timeout): a client
@@ -94,6 +92,7 @@ class Route:
     port: int
     timeout: aiohttp.ClientTimeout
     ssl: ssl.SSLContext | bool
+    origin: Origin
 
     @property
     def name(self) -> str:
@@ -119,7 +118,9 @@ def _route(upstream: UpstreamConfig) -> Route:
             ssl_ctx = False
         elif upstream.tls.ca_file:
             ssl_ctx = ssl.create_default_context(cafile=upstream.tls.ca_file)
-    return Route(upstream, base, url.host or "", url.port or 0, timeout, ssl_ctx)
+    host, port = url.host or "", url.port or 0
+    origin = Origin(url.scheme, url.raw_host or "", port, url.raw_path, ssl_ctx)
+    return Route(upstream, base, host, port, timeout, ssl_ctx, origin)
 
 
 class Router:
@@ -442,12 +443,12 @@ class Proxy:
     def __init__(
         self,
         settings: ProxySettings,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         pipeline: Pipeline,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.session = session
+        self.client = client
         self.pipeline = pipeline
         self.metrics = metrics
         self.draining = False
@@ -709,7 +710,6 @@ class Proxy:
             if target is not None:
                 headers = headers.copy()  # a fallback attempt may set another upstream's key header
             headers[key[0]] = key[1]
-        url = URL(route.base + suffix, encoded=True)
         call.upstream_called = True
         inflight = self._inflight.get(route.name)
         if inflight is None:
@@ -735,15 +735,8 @@ class Proxy:
 
         try:
             try:
-                upstream = await self.session.request(
-                    request.method,
-                    url,
-                    headers=headers,
-                    data=body if body else None,
-                    allow_redirects=False,
-                    timeout=route.timeout,
-                    skip_auto_headers=SKIP_AUTO_HEADERS,
-                    ssl=route.ssl,
+                upstream = await self.client.request(
+                    request.method, route.origin, suffix, headers.items(), body, route.timeout
                 )
             except (TimeoutError, aiohttp.ServerTimeoutError):
                 call.upstream_wait += perf_counter() - t0
@@ -805,9 +798,7 @@ class Proxy:
             if not recorded:
                 attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)
 
-    async def _relay(
-        self, call: _Call, upstream: aiohttp.ClientResponse, strip_usage: bool
-    ) -> web.StreamResponse:
+    async def _relay(self, call: _Call, upstream: UpstreamResponse, strip_usage: bool) -> web.StreamResponse:
         request = call.request
         status = upstream.status
         call.status = status
