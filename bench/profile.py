@@ -66,9 +66,11 @@ AREAS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("sidecar/tokens.py", "tiktoken"), "token estimation"),
     (("sidecar/pipeline.py", "sidecar/pricing.py", "sidecar/sinks.py"), "pipeline, pricing, sink queues"),
     (("sidecar/providers/", "sidecar/sse.py"), "usage extraction (JSON/SSE parsing)"),
+    (("sidecar/upstream_client.py",), "upstream client (the upstream call)"),
+    (("sidecar/http_server.py",), "HTTP server (request parsing, response writing)"),
     (("sidecar/",), "proxy handler (other sidecar code)"),
     (("aiohttp/client", "aiohttp/connector"), "aiohttp client (the upstream call)"),
-    (("aiohttp/", "multidict", "yarl"), "aiohttp server (HTTP parsing, response writing)"),
+    (("aiohttp/", "multidict", "yarl"), "aiohttp (admin listener, headers)"),
 )
 
 

@@ -35,6 +35,7 @@ from sidecar.config import Config
 from sidecar.errors import ConfigError, Problem
 from sidecar.gateway.budgets import SharedBudgets, SharedSpendSink
 from sidecar.gateway.control import Gateway
+from sidecar.http_server import HttpServer
 from sidecar.ledger import Ledger, LedgerSettings
 from sidecar.metrics import Metrics, MetricsSink
 from sidecar.pipeline import Pipeline
@@ -145,7 +146,7 @@ class Sidecar:
         self.proxy: Proxy | None = None
         self.gateway: Gateway | None = None
         self.client: UpstreamClient | None = None
-        self._proxy_runner: web.BaseRunner | None = None
+        self._proxy_server: HttpServer | None = None
         self._admin_runner: web.AppRunner | None = None
         self.proxy_port = 0
         self.admin_port = 0
@@ -189,30 +190,11 @@ class Sidecar:
             self.proxy.budget_breach = self.alerting.budget_breach
         await self._start_gateway(self.config)
 
-        proxy = self.proxy
-
-        async def every_request(request: web.BaseRequest) -> web.StreamResponse:
-            # aiohttp's low-level server: no router, no middleware, no Application per request.
-            # Every request goes to the proxy, whatever its target looks like (authority-form
-            # CONNECT targets included), so each one is answered in the provider's shape and counted.
-            await _expect_continue(request)
-            return await proxy.handle(request)
-
-        self._proxy_runner = web.ServerRunner(
-            web.Server(
-                every_request,
-                handler_cancellation=True,
-                access_log=None,
-                logger=HTTP_LOG,
-                auto_decompress=False,  # a gzip request body goes upstream as sent, with its Content-Encoding
-            ),
-            shutdown_timeout=self.config.shutdown.drain_timeout,
-        )
-        await self._proxy_runner.setup()
+        # Every request goes to the proxy, whatever its target looks like (authority-form
+        # CONNECT targets included), so each one is answered in the provider's shape and counted.
+        self._proxy_server = HttpServer(self.proxy.handle, HTTP_LOG)
         host, port = self.config.listen
-        site = web.TCPSite(self._proxy_runner, host, port, reuse_address=True)
-        await site.start()
-        self.proxy_port = _bound_port(self._proxy_runner)
+        self.proxy_port = await self._proxy_server.start(host, port)
 
         admin_app = web.Application()
         admin_app[SIDECAR_KEY] = self
@@ -245,9 +227,10 @@ class Sidecar:
         self.ready = False
         if self.proxy is not None:
             self.proxy.draining = True
-        if self._proxy_runner is not None:
-            await self._proxy_runner.cleanup()  # stops accepting, waits for in-flight calls
-            self._proxy_runner = None
+        if self._proxy_server is not None:
+            # Stops accepting, waits for in-flight calls, then cancels what is left.
+            await self._proxy_server.shutdown(self.config.shutdown.drain_timeout)
+            self._proxy_server = None
         if self.pipeline is not None:
             await self.pipeline.stop(timeout=max(1.0, self.config.shutdown.drain_timeout))
         if self.gateway is not None:

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import tracecontext
 from sidecar.config import Config, UpstreamConfig
+from sidecar.http_server import InvalidBody, Request, Response
 from sidecar.metrics import Metrics
 from sidecar.model import CallRecord, CapturedContent, GatewayEvent, UpstreamAttempt, Usage
 from sidecar.pipeline import EstimateRequest, Pipeline
@@ -71,7 +71,7 @@ BODY_READ_TIMEOUT = 60.0
 # Model names and response ids longer than this are client or upstream garbage; they are
 # cut so that no record, log line or ledger row carries megabytes of it.
 MAX_RECORDED_TEXT = 256
-# The whole request header block. aiohttp's parser refuses a line over 8 KiB and more than
+# The whole request header block. The server's parser refuses a line over 8 KiB and more than
 # 128 headers, which still lets 1 MiB of headers through to the upstream.
 MAX_HEADER_BYTES = 64 * 1024
 # A token count past this is garbage from the upstream (no float holds it exactly, and past
@@ -353,15 +353,15 @@ def error_type_for_status(status: int) -> str | None:
 class _ClientGone(Exception):
     """Writing to the client failed: it disconnected."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, response: Response) -> None:
         super().__init__("client disconnected")
         self.response = response
 
 
-async def _write(response: web.StreamResponse, data: bytes) -> None:
+async def _write(response: Response, data: bytes) -> None:
     try:
         await response.write(data)
-    except ConnectionError as exc:  # includes aiohttp.ClientConnectionResetError
+    except ConnectionError as exc:  # the server's "client disconnected"
         raise _ClientGone(response) from exc
 
 
@@ -400,7 +400,7 @@ class _Call:
         "variant",
     )
 
-    def __init__(self, request: web.BaseRequest, started: float) -> None:
+    def __init__(self, request: Request, started: float) -> None:
         self.request = request
         self.started = started
         self.started_wall = time.time()
@@ -438,7 +438,7 @@ class _Call:
 
 
 class Proxy:
-    """The aiohttp handler that forwards and measures every call."""
+    """The request handler (see :mod:`sidecar.http_server`) that forwards and measures every call."""
 
     def __init__(
         self,
@@ -462,13 +462,13 @@ class Proxy:
         self._inflight: dict[str, Any] = {}  # upstream name -> its llm_inflight_requests child
 
     # -- entry point --------------------------------------------------------------------
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         call = _Call(request, perf_counter())
         settings = self.settings
         try:
             return await self._handle(call, settings)
         except asyncio.CancelledError:
-            # The client went away (aiohttp cancels the handler) or shutdown gave up.
+            # The client went away (the server cancels the handler) or shutdown gave up.
             self._finish(call, ABORT_STATUS, "client_abort")
             raise
         except Exception:
@@ -476,9 +476,9 @@ class Proxy:
             self._finish(call, 500, "proxy_error")
             raise
 
-    async def _handle(self, call: _Call, settings: ProxySettings) -> web.StreamResponse:
+    async def _handle(self, call: _Call, settings: ProxySettings) -> Response:
         request = call.request
-        raw_path = request.rel_url.raw_path
+        raw_path = request.raw_path
         if request.method == "CONNECT" or unsafe_path(raw_path):
             return self._reject(call, 400, "invalid request target", "invalid_request_target")
         if sum(len(name) + len(value) for name, value in request.raw_headers) > MAX_HEADER_BYTES:
@@ -521,6 +521,10 @@ class Proxy:
         except TimeoutError:
             rejected = self._reject(call, 408, "request body not received in time", "request_timeout")
             rejected.force_close()  # the rest of the body may still come: never parse it as a request
+            return rejected
+        except InvalidBody:
+            rejected = self._reject(call, 400, "invalid request body framing", "invalid_request_body")
+            rejected.force_close()  # the server reads nothing more from this connection
             return rejected
         if body is None:
             return self._reject(call, 413, "request body too large", "request_too_large")
@@ -576,7 +580,7 @@ class Proxy:
                 return self._throttle(call, refusal)
 
         headers = self._upstream_headers(request, call, settings)
-        query = request.rel_url.raw_query_string
+        query = request.query_string
         suffix = sub_path + ("?" + query if query else "")
         try:
             if targets is None:
@@ -596,7 +600,7 @@ class Proxy:
         headers: CIMultiDict[str],
         body: bytes,
         wants_usage: bool,
-    ) -> web.StreamResponse:
+    ) -> Response:
         """Try the planned targets in order until one answers (see :meth:`_exchange`'s ``last``)."""
         gateway = self.gateway
         assert gateway is not None
@@ -635,20 +639,26 @@ class Proxy:
             )
         raise AssertionError("unreachable: the last target always answers")  # pragma: no cover
 
-    async def _read_body(self, request: web.BaseRequest, limit: int) -> bytes | None:
+    async def _read_body(self, request: Request, limit: int) -> bytes | None:
         """The request body, None past ``limit``; TimeoutError when the client stalls between pieces."""
-        body = bytearray()
+        content = request.content
+        pieces: list[bytes] = []
+        size = 0
         while True:
-            async with asyncio.timeout(self.body_read_timeout):
-                piece = await request.content.readany()
+            if content.ready:  # arrived already (the whole body, usually, with the head)
+                piece = await content.readany()
+            else:
+                async with asyncio.timeout(self.body_read_timeout):
+                    piece = await content.readany()
             if not piece:
-                return bytes(body)
-            body += piece
-            if len(body) > limit:
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
                 return None
 
     def _upstream_headers(
-        self, request: web.BaseRequest, call: _Call, settings: ProxySettings
+        self, request: Request, call: _Call, settings: ProxySettings
     ) -> CIMultiDict[str]:
         """The client's headers as the upstream should see them (before the upstream's own key)."""
         connection_tokens = {
@@ -687,7 +697,7 @@ class Proxy:
         body: bytes,
         wants_usage: bool,
         last: bool,
-    ) -> web.StreamResponse | None:
+    ) -> Response | None:
         """One attempt at ``route``. None when it failed in a way worth trying the next target
         (only when not ``last``, and only before anything was sent to the client)."""
         request = call.request
@@ -798,7 +808,7 @@ class Proxy:
             if not recorded:
                 attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)
 
-    async def _relay(self, call: _Call, upstream: UpstreamResponse, strip_usage: bool) -> web.StreamResponse:
+    async def _relay(self, call: _Call, upstream: UpstreamResponse, strip_usage: bool) -> Response:
         request = call.request
         status = upstream.status
         call.status = status
@@ -836,7 +846,7 @@ class Proxy:
             if strip and lower == "content-encoding" and encoding.strip().lower() not in ("", "identity"):
                 continue  # forwarded decoded, so it must not claim an encoding
             out_headers.add(name, value)
-        response = web.StreamResponse(status=status, reason=upstream.reason, headers=out_headers)
+        response = Response(status, upstream.reason, out_headers)
         t = perf_counter()
         try:
             await response.prepare(request)
@@ -942,12 +952,12 @@ class Proxy:
         code: str,
         error_type: str | None = None,
         provider: str | None = None,
-    ) -> web.Response:
+    ) -> Response:
         body = error_body(provider or call.provider or "openai", status, message, code)
         self._finish(call, status, error_type)
-        return web.Response(status=status, body=body, content_type="application/json")
+        return Response(status, body=body, content_type="application/json")
 
-    def _refuse_budget(self, call: _Call, breach: BudgetBreach) -> web.Response:
+    def _refuse_budget(self, call: _Call, breach: BudgetBreach) -> Response:
         """429 for a spent ``action: reject`` budget, in the shape the official SDKs do not retry."""
         call.throttled = "budget"
         provider = call.provider or "openai"
@@ -965,16 +975,16 @@ class Proxy:
             }
             body = json.dumps(payload).encode()
         self._finish(call, 429, "budget_exceeded")
-        response = web.Response(status=429, body=body, content_type="application/json")
+        response = Response(429, body=body, content_type="application/json")
         response.headers["x-should-retry"] = "false"
         return response
 
-    def _throttle(self, call: _Call, refusal: Refusal) -> web.Response:
+    def _throttle(self, call: _Call, refusal: Refusal) -> Response:
         """The gateway's refusal (a rate limit, or the shared state being down with fail_closed)."""
         call.throttled = refusal.reason
         body = error_body(call.provider or "openai", refusal.status, refusal.message, refusal.code)
         self._finish(call, refusal.status, "throttled")
-        response = web.Response(status=refusal.status, body=body, content_type="application/json")
+        response = Response(refusal.status, body=body, content_type="application/json")
         for name, value in refusal.headers:
             response.headers[name] = value
         return response
@@ -1001,7 +1011,7 @@ class Proxy:
             provider=call.provider,
             operation=call.shape.operation if call.shape else "other",
             method=call.request.method,
-            path=call.request.rel_url.raw_path,
+            path=call.request.raw_path,
             stream=call.stream,
             status=status,
             error_type=error_type,
