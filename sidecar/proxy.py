@@ -657,9 +657,7 @@ class Proxy:
             if size > limit:
                 return None
 
-    def _upstream_headers(
-        self, request: Request, call: _Call, settings: ProxySettings
-    ) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: Request, call: _Call, settings: ProxySettings) -> CIMultiDict[str]:
         """The client's headers as the upstream should see them (before the upstream's own key)."""
         connection_tokens = {
             token.strip().lower() for token in request.headers.get("Connection", "").split(",") if token
