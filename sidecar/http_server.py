@@ -382,6 +382,7 @@ class _ServerConnection(asyncio.Protocol):
         self._busy = False  # the handler is running
         self._refused: _Refused | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = self._loop.time()  # when the last answer ended (or the connection came)
         self._reading_paused = False
         self._raw_left = 0  # body bytes still to come after an Upgrade head
         self.wrote = False  # a byte of the current answer was written
@@ -534,7 +535,6 @@ class _ServerConnection(asyncio.Protocol):
             transport,
             body,
         )
-        self._cancel_timer()
         self._head_size = 0
         self._last = request
         self._queue.append(request)
@@ -570,7 +570,7 @@ class _ServerConnection(asyncio.Protocol):
                 if self.transport is None or self.closing:
                     self._close()
                     return
-                self._arm_timer()
+                self._idle_since = self._loop.time()  # the idle timer reads it (_idle_check)
                 self._wakeup = self._loop.create_future()
                 try:
                     await self._wakeup
@@ -654,19 +654,33 @@ class _ServerConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, delay: float | None = None) -> None:
         self._cancel_timer()
-        self._timer = self._loop.call_later(self._server.keepalive, self._idle_too_long)
+        self._timer = self._loop.call_later(
+            self._server.keepalive if delay is None else delay, self._idle_check
+        )
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _idle_too_long(self) -> None:
+    def _idle_check(self) -> None:
+        """The idle timer: one per connection, armed once and re-armed when it fires, rather
+        than set and cancelled for every request. It closes a connection that has had no
+        request in progress and no complete head for :attr:`HttpServer.keepalive` seconds."""
         self._timer = None
-        if not self._busy and not self._queue and self.transport is not None:
+        if self.transport is None:
+            return
+        keepalive = self._server.keepalive
+        if self._busy or self._queue:
+            self._arm_timer(keepalive)
+            return
+        idle = self._loop.time() - self._idle_since
+        if idle >= keepalive:
             self.transport.close()
+        else:
+            self._arm_timer(keepalive - idle)
 
     def close_if_idle(self) -> None:
         """At shutdown: close now if no request is in progress, else after its answer."""

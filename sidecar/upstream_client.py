@@ -137,8 +137,10 @@ class UpstreamResponse:
         "_paused",
         "_pieces",
         "_sock_read",
+        "_timer",
         "_total_at",
         "_waiter",
+        "_waiting_since",
         "done",
         "headers",
         "reason",
@@ -155,6 +157,8 @@ class UpstreamResponse:
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._waiting_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self.done = False  # the whole body has arrived
         self.status = 0
         self.reason = ""
@@ -192,22 +196,48 @@ class UpstreamResponse:
 
     async def _wait(self) -> None:
         loop = self._loop
-        at = self._total_at
-        what = "total"
-        if self._sock_read is not None and loop.time() + self._sock_read < at:
-            at = loop.time() + self._sock_read
-            what = "read"
         waiter = self._waiter = loop.create_future()
-        handle = loop.call_at(at, _expire, waiter, what) if at != _NEVER else None
+        self._waiting_since = now = loop.time()
+        if self._timer is None:
+            self._arm(now)
         try:
             await waiter
         except aiohttp.ServerTimeoutError as exc:
             self._fail(exc)
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
             self._waiter = None
+
+    def _arm(self, now: float) -> None:
+        at = self._total_at
+        if self._sock_read is not None and self._waiter is not None:
+            at = min(at, self._waiting_since + self._sock_read)
+        elif self._sock_read is not None:
+            at = min(at, now + self._sock_read)
+        if at != _NEVER:
+            self._timer = self._loop.call_at(at, self._check_time)
+
+    def _check_time(self) -> None:
+        """The read timer: one per response, armed at its first wait and re-armed when it
+        fires, rather than set and cancelled for every piece of a stream."""
+        self._timer = None
+        if self.done or self._error is not None:
+            return
+        now = self._loop.time()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if now >= self._total_at:
+                waiter.set_exception(_timeout("total"))
+                return
+            if self._sock_read is not None and now - self._waiting_since >= self._sock_read:
+                waiter.set_exception(_timeout("read"))
+                return
+        self._arm(now)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -226,11 +256,13 @@ class UpstreamResponse:
     def _finish(self) -> None:
         self.done = True
         self._conn = None
+        self._stop_timer()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None and not self.done:
             self._error = exc
+        self._stop_timer()
         conn = self._conn
         self._conn = None
         if conn is not None:
@@ -245,17 +277,13 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Drop the connection (a body still coming is not read)."""
+        self._stop_timer()
         conn = self._conn
         self._conn = None
         if conn is not None:
             conn.abort()
         if not self.done and self._error is None:
             self._error = aiohttp.ClientConnectionError("response closed")
-
-
-def _expire(waiter: asyncio.Future[None], what: str) -> None:
-    if not waiter.done():
-        waiter.set_exception(_timeout(what))
 
 
 class _Connection(asyncio.Protocol):
