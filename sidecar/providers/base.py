@@ -13,7 +13,6 @@ Pure module: standard library and :mod:`sidecar.model` / :mod:`sidecar.sse` only
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from collections.abc import Callable
@@ -30,9 +29,6 @@ MAX_OUTPUT_CHARS = 1_000_000
 #: Past this, the text of later events is extracted as they arrive (see
 #: :class:`StreamObserver`), so memory per stream stays bounded.
 MAX_KEPT_BYTES = 256 * 1024
-#: Bytes of chunks an observer holds unread once content was seen, before it reads them
-#: at once (see :meth:`StreamObserver.feed`): a stream is read in a few passes, not per chunk.
-PENDING_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,24 +157,14 @@ class StreamObserver:
         self._kept: list[Event | bytes] = []  # content events (or runs of them), in order, for the text
         self._kept_bytes = 0
         self._late: TextCollector | None = None  # text of content events past MAX_KEPT_BYTES
-        self._pending: list[bytes] | None = None  # chunks held since content was seen (see feed)
-        self._pending_size = 0
 
     def feed(self, data: bytes) -> bytes:
         """Observe the next decompressed bytes; return the bytes to forward (see class doc)."""
         if self._closed:
             return b"" if self.strip_usage_chunk else data
         if not self.strip_usage_chunk:
-            pending = self._pending
-            if pending is not None:
-                pending.append(data)
-                self._pending_size += len(data)
-                if self._pending_size >= PENDING_BYTES:
-                    self._settle()
-                return data
-            if self.saw_content and self.plain_prefix is not None and self._decoder.idle():
-                self._pending = [data]
-                self._pending_size = len(data)
+            if self.saw_content and self._plain_run(data):
+                self._keep(data)
                 return data
             observe = self._observe
             for event in self._decoder.feed(data):
@@ -196,7 +182,6 @@ class StreamObserver:
         """
         if self._closed:
             return b""
-        self._settle()
         self._closed = True
         events = self._decoder.flush()
         kept = [event.raw for event in events if self._observe(event, final=True)]
@@ -204,7 +189,6 @@ class StreamObserver:
 
     def result(self) -> ResponseInfo:
         """Everything observed so far (call after :meth:`close` for the final figures)."""
-        self._settle()
         late = self._late.value() if self._late is not None else ""
         text: str | Callable[[], str] = late
         if self._kept:
@@ -228,39 +212,34 @@ class StreamObserver:
         """Add the generated text of one kept event to ``text`` (never raises)."""
         raise NotImplementedError
 
-    def _settle(self) -> None:
-        """Observe the chunks held since the first content (the chunk fast path of :meth:`feed`).
+    def _plain_run(self, data: bytes) -> bool:
+        """Whether ``data`` is one or more whole content-only events that need no parsing.
 
-        The longest run of whole events at their start that are each :attr:`plain_prefix`,
-        one JSON object on the rest of its line and the blank line (no CR), cut before the
-        first event :attr:`needs_parse` finds something in, and holding no escape that
-        could hide a key (:func:`may_hide_keys`), is kept as one piece: those are the
-        content-only events :meth:`_observe` would each skip unparsed. The rest goes
-        through the decoder and :meth:`_observe` as if it had been fed chunk by chunk
-        (the decoder was idle when the first held chunk came).
+        The chunk fast path: after the first content, a chunk that starts on an event
+        boundary (nothing pending in the decoder) and is nothing but events each made of
+        :attr:`plain_prefix`, one JSON object on the rest of its line and the blank line,
+        with no key :attr:`needs_parse` finds and no escape that could hide one, is the
+        run of events the subclass would each skip unparsed (see :meth:`_observe`); it is
+        then kept whole, without being cut into events. The structure is proved by
+        counting: ``k`` blank-line ends, ``k - 1`` of them followed by the prefix, and no
+        line break but the prefix's own, the data line's and the blank line's.
         """
-        pending = self._pending
-        if pending is None:
-            return
-        self._pending = None
-        self._pending_size = 0
-        blob = pending[0] if len(pending) == 1 else b"".join(pending)
-        prefix, pattern = self.plain_prefix, self.needs_parse
-        end = 0
-        if prefix is not None and pattern is not None:
-            end = _run_of(prefix).match(blob).end()  # type: ignore[union-attr]  # (...)* always matches
-            found = pattern.search(blob, 0, end) if end else None
-            if found is not None:
-                end = blob.rfind(b"\n\n", 0, found.start()) + 2  # 1 when none: no whole event
-                if end < 2:
-                    end = 0
-            if end and may_hide_keys(blob[:end]):
-                end = 0
-        if end:
-            self._keep(blob[:end] if end < len(blob) else blob)
-        observe = self._observe
-        for event in self._decoder.feed(blob[end:] if end else blob):
-            observe(event, False)
+        prefix = self.plain_prefix
+        if (
+            prefix is None
+            or not data.startswith(prefix)
+            or not data.endswith(b"}\n\n")
+            or _CR in data
+            or not self._decoder.idle()
+        ):
+            return False
+        events = data.count(b"\n\n")
+        if data.count(b"\n") != events * (prefix.count(b"\n") + 2):
+            return False
+        if events > 1 and data.count(b"}\n\n" + prefix) != events - 1:
+            return False
+        pattern = self.needs_parse
+        return pattern is not None and pattern.search(data) is None and not may_hide_keys(data)
 
     def _keep(self, event: Event | bytes) -> None:
         """Keep a content event (or a run of whole ones, as bytes) for the text; one that would
@@ -366,12 +345,6 @@ _CR = 0x0D
 _BACKSLASH = 0x5C
 # A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
-
-
-@functools.cache
-def _run_of(prefix: bytes) -> re.Pattern[bytes]:
-    """Matches the longest run of ``prefix``, one line ending in ``}``, a blank line (no CR)."""
-    return re.compile(b"(?:" + re.escape(prefix) + rb"[^\r\n]*\}\n\n)*")
 
 
 def may_hide_keys(raw: bytes) -> bool:
