@@ -296,14 +296,19 @@ class Response:
         if conn.transport is None:
             raise ConnectionResetError("client disconnected")
 
-    async def write(self, data: bytes) -> None:
-        """Send a piece of the body; waits while the client's buffer is full. Raises
-        ``ConnectionResetError`` when the client is gone."""
+    def _open(self) -> tuple[_ServerConnection, asyncio.Transport]:
+        """The connection and its transport; ``ConnectionResetError`` when the client is gone."""
         conn = self._conn
         assert conn is not None, "prepare() first"
         transport = conn.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client disconnected")
+        return conn, transport
+
+    async def write(self, data: bytes) -> None:
+        """Send a piece of the body; waits while the client's buffer is full. Raises
+        ``ConnectionResetError`` when the client is gone."""
+        conn, transport = self._open()
         head, self._head = self._head, None
         conn.wrote = True
         if self._no_body or not data:
@@ -330,11 +335,7 @@ class Response:
         if self._eof:
             return
         self._eof = True
-        conn = self._conn
-        assert conn is not None, "prepare() first"
-        transport = conn.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("client disconnected")
+        conn, transport = self._open()
         head, self._head = self._head, None
         body = self._body if not self._no_body else None
         tail = b"0\r\n\r\n" if self._chunked else b""

@@ -87,12 +87,10 @@ class Route:
     """One configured upstream, ready to forward to."""
 
     config: UpstreamConfig
-    base: str  # scheme://host[:port][/path] without trailing slash
-    host: str
+    host: str  # as the records name it (server.address)
     port: int
     timeout: aiohttp.ClientTimeout
-    ssl: ssl.SSLContext | bool
-    origin: Origin
+    origin: Origin  # where the upstream client sends its calls (scheme, host, port, path, TLS)
 
     @property
     def name(self) -> str:
@@ -109,7 +107,6 @@ class Route:
 
 def _route(upstream: UpstreamConfig) -> Route:
     url = URL(upstream.url)
-    base = str(url.with_query(None).with_fragment(None)).rstrip("/")
     t = upstream.timeouts
     timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.first_byte)
     ssl_ctx: ssl.SSLContext | bool = True
@@ -120,7 +117,7 @@ def _route(upstream: UpstreamConfig) -> Route:
             ssl_ctx = ssl.create_default_context(cafile=upstream.tls.ca_file)
     host, port = url.host or "", url.port or 0
     origin = Origin(url.scheme, url.raw_host or "", port, url.raw_path, ssl_ctx)
-    return Route(upstream, base, host, port, timeout, ssl_ctx, origin)
+    return Route(upstream, host, port, timeout, origin)
 
 
 class Router:
