@@ -487,6 +487,12 @@ class _Pool:
             return conn
         return None
 
+    def expire(self, now: float) -> None:
+        """Close the connections that have idled past :data:`KEEPALIVE` (the oldest first)."""
+        idle = self.idle
+        while idle and now - idle[0].idle_since > KEEPALIVE:
+            idle.popleft().abort()
+
     def forget(self, conn: _Connection) -> None:
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
@@ -502,7 +508,18 @@ class UpstreamClient:
     def __init__(self) -> None:
         self._pools: dict[tuple[bool, str, int, int], _Pool] = {}
         self._live: set[_Connection] = set()
+        self._swept = 0.0
         self.connections_made = 0  # for tests and the benchmark: how often the pool missed
+
+    def _sweep(self, now: float) -> None:
+        """Close idle connections past :data:`KEEPALIVE` in every pool, and forget empty pools:
+        a reload that changes an upstream's TLS settings starts a new pool, and the old one is
+        never asked again."""
+        self._swept = now
+        for key, pool in list(self._pools.items()):
+            pool.expire(now)
+            if not pool.idle:
+                del self._pools[key]
 
     async def request(
         self,
@@ -519,6 +536,8 @@ class UpstreamClient:
         now = loop.time()
         total_at = now + timeout.total if timeout.total else _NEVER
         data = _serialize(method, origin, target, headers, body)
+        if now - self._swept > KEEPALIVE:
+            self._sweep(now)
         pool = self._pools.get(origin.key)
         if pool is None:
             pool = self._pools[origin.key] = _Pool()

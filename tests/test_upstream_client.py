@@ -318,6 +318,18 @@ async def test_an_idle_connection_past_keepalive_is_not_reused(monkeypatch: pyte
         await asyncio.wait_for(server.closed.wait(), 2)  # the stale one was closed, not leaked
 
 
+async def test_idle_connections_of_a_pool_no_longer_asked_are_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload can leave a pool behind (new TLS settings, a new origin): calls elsewhere close
+    its idle connections once they pass the keep-alive."""
+    monkeypatch.setattr(upstream_client, "KEEPALIVE", 0.05)
+    async with serving(keep_answering(answer())) as (left, client), Server(keep_answering(answer())) as other:
+        await body_of(await post(client, left.origin()))
+        await asyncio.sleep(0.1)
+        await body_of(await post(client, other.origin()))  # never asks the first pool again
+        await asyncio.wait_for(left.closed.wait(), 2)
+        assert client.idle_connections == 1
+
+
 async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
     async def once(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
