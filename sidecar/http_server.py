@@ -46,6 +46,8 @@ from typing import cast
 import httptools
 from multidict import CIMultiDict
 
+from sidecar.pieces import PieceBuffer
+
 __all__ = [
     "BODY_HIGH_WATER",
     "KEEPALIVE",
@@ -90,19 +92,14 @@ class InvalidBody(ConnectionError):
     """The request's body broke HTTP's framing (a bad chunk, say): the connection closes."""
 
 
-class RequestBody:
+class RequestBody(PieceBuffer):
     """A request's body as it arrives: :meth:`readany` gives what came since the last call."""
 
-    __slots__ = ("_conn", "_error", "_paused", "_pieces", "_size", "_waiter", "done")
+    __slots__ = ("_conn",)
 
     def __init__(self, conn: _ServerConnection) -> None:
+        super().__init__()
         self._conn = conn
-        self._pieces: deque[bytes] = deque()
-        self._size = 0
-        self._paused = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self.done = False  # the whole body has arrived
 
     @property
     def ready(self) -> bool:
@@ -112,15 +109,8 @@ class RequestBody:
     async def readany(self) -> bytes:
         """The body bytes that arrived since the last call (waiting for some); ``b""`` at the end."""
         while True:
-            pieces = self._pieces
-            if pieces:
-                data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
-                pieces.clear()
-                self._size = 0
-                if self._paused:
-                    self._paused = False
-                    self._conn.resume_reading()
-                return data
+            if self._pieces:
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self.done:
@@ -131,18 +121,12 @@ class RequestBody:
             finally:
                 self._waiter = None
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _resume(self) -> None:
+        self._conn.resume_reading()
 
     def _feed(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._size += len(data)
-        if self._size > BODY_HIGH_WATER and not self._paused:
-            self._paused = True
+        if self._append(data, BODY_HIGH_WATER):
             self._conn.pause_reading()
-        self._wake()
 
     def _finish(self) -> None:
         self.done = True
@@ -168,7 +152,6 @@ class Request:
         "query_string",
         "raw_headers",
         "raw_path",
-        "transport",
         "upgrade",
         "version",
     )
@@ -181,7 +164,6 @@ class Request:
         raw_headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
         conn: _ServerConnection,
-        transport: asyncio.Transport,
         content: RequestBody,
     ) -> None:
         self.conn = conn
@@ -195,12 +177,16 @@ class Request:
             ]
         )
         self.keep_alive = keep_alive
-        self.transport = transport
         self.content = content
         self.upgrade = False
         length = self.headers.get("content-length")
         self.content_length = int(length) if length is not None else None
         self.raw_path, self.query_string = _split_target(target)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        """The client connection's transport (None once it is closed)."""
+        return self.conn.transport
 
 
 def _split_target(target: bytes) -> tuple[str, str]:
@@ -260,10 +246,6 @@ class Response:
         self._no_body = False
         self._eof = False
         self.force = False  # close the connection after this answer
-
-    @property
-    def prepared(self) -> bool:
-        return self._conn is not None
 
     def force_close(self) -> None:
         """Close the connection after this answer."""
@@ -523,8 +505,6 @@ class _ServerConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         parser = self._parser
-        transport = self.transport
-        assert transport is not None
         body = self._body = RequestBody(self)
         request = Request(
             parser.get_method().decode("ascii", "replace"),
@@ -533,7 +513,6 @@ class _ServerConnection(asyncio.Protocol):
             self._headers,
             parser.should_keep_alive(),
             self,
-            transport,
             body,
         )
         self._head_size = 0

@@ -45,6 +45,8 @@ import aiohttp
 import httptools
 from multidict import CIMultiDict
 
+from sidecar.pieces import PieceBuffer
+
 __all__ = [
     "HIGH_WATER",
     "KEEPALIVE",
@@ -122,7 +124,7 @@ def _context(tls: ssl.SSLContext | bool) -> ssl.SSLContext:
     return _UNVERIFIED
 
 
-class UpstreamResponse:
+class UpstreamResponse(PieceBuffer):
     """An upstream's answer: status, reason and headers now, the body through :meth:`readany`.
 
     Call :meth:`release` when done (the connection goes back to the pool when the whole
@@ -130,36 +132,25 @@ class UpstreamResponse:
     """
 
     __slots__ = (
-        "_buffered",
         "_conn",
-        "_error",
         "_loop",
-        "_paused",
-        "_pieces",
         "_sock_read",
         "_timer",
         "_total_at",
-        "_waiter",
         "_waiting_since",
-        "done",
         "headers",
         "reason",
         "status",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sock_read: float | None, total_at: float) -> None:
+        super().__init__()
         self._loop = loop
         self._sock_read = sock_read
         self._total_at = total_at
         self._conn: _Connection | None = None
-        self._pieces: deque[bytes] = deque()
-        self._buffered = 0
-        self._paused = False
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
         self._waiting_since = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self.done = False  # the whole body has arrived
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDict[str] = CIMultiDict()
@@ -178,16 +169,7 @@ class UpstreamResponse:
                     error = _timeout("total")
                     self._fail(error)
                     raise error
-                pieces = self._pieces
-                data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
-                pieces.clear()
-                self._buffered = 0
-                if self._paused:
-                    self._paused = False
-                    conn = self._conn
-                    if conn is not None:
-                        conn.resume()
-                return data
+                return self._take()
             if self._error is not None:
                 raise self._error
             if self.done:
@@ -239,19 +221,14 @@ class UpstreamResponse:
             self._timer.cancel()
             self._timer = None
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _resume(self) -> None:
+        if self._conn is not None:
+            self._conn.resume()
 
     # -- fed by the connection ----------------------------------------------------------
     def _feed(self, data: bytes) -> None:
-        self._pieces.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER and not self._paused and self._conn is not None:
-            self._paused = True
+        if self._append(data, HIGH_WATER) and self._conn is not None:
             self._conn.pause()
-        self._wake()
 
     def _finish(self) -> None:
         self.done = True
