@@ -489,14 +489,13 @@ class UpstreamClient:
         self.connections_made = 0  # for tests and the benchmark: how often the pool missed
 
     def _sweep(self, now: float) -> None:
-        """Close idle connections past :data:`KEEPALIVE` in every pool, and forget empty pools:
-        a reload that changes an upstream's TLS settings starts a new pool, and the old one is
-        never asked again."""
+        """Close idle connections past :data:`KEEPALIVE` in every pool: a reload that changes an
+        upstream's TLS settings starts a new pool, and the old one is never asked again. Pools
+        themselves stay (one per origin ever used): a connection busy with a call returns to
+        its own pool, which must still be the one calls take from."""
         self._swept = now
-        for key, pool in list(self._pools.items()):
+        for pool in self._pools.values():
             pool.expire(now)
-            if not pool.idle:
-                del self._pools[key]
 
     async def request(
         self,

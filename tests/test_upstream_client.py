@@ -330,6 +330,33 @@ async def test_idle_connections_of_a_pool_no_longer_asked_are_closed(monkeypatch
         assert client.idle_connections == 1
 
 
+async def test_a_sweep_while_a_pools_only_connection_is_busy_keeps_that_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection comes back to the pool calls take from, and is reused."""
+    monkeypatch.setattr(upstream_client, "KEEPALIVE", 0.05)
+    gate = asyncio.Event()
+
+    async def held(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{")
+            await gate.wait()
+            writer.write(b"}")
+
+    async with serving(held) as (busy, client), Server(keep_answering(answer())) as other:
+        response = await post(client, busy.origin())
+        await asyncio.sleep(0.1)
+        await body_of(await post(client, other.origin()))  # sweeps while the first call is busy
+        gate.set()
+        assert await body_of(response) == b"{}"
+        gate.clear()
+        second = await post(client, busy.origin())
+        gate.set()
+        assert await body_of(second) == b"{}"
+        assert busy.connections == 1
+
+
 async def test_a_connection_the_upstream_closed_while_idle_is_not_reused() -> None:
     async def once(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
