@@ -182,6 +182,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-c", "--concurrency", type=int, default=32)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--profiler", choices=["auto", "py-spy", "cprofile", "none"], default="auto")
+    parser.add_argument(
+        "--tracing", action="store_true", help="tracing on, 100 %% sampled, to a local span receiver"
+    )
+    parser.add_argument(
+        "--py-spy-args",
+        default="--nonblocking",
+        help="extra py-spy record flags (default: --nonblocking; e.g. '--native' to see C frames, "
+        "'--gil' for the GIL holder only; --native pauses the process on each sample)",
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -202,6 +211,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "upstream", [py, "-m", "bench.upstream"], cores.load, r"upstream on http://[\d.]+:(\d+)", workdir
         )
         started.append(upstream)
+        tracing_env: dict[str, str] = {}
+        if args.tracing:
+            receiver, _ = start(
+                "spans", [py, "-m", "bench.spans"], cores.load, r"spans on http://[\d.]+:(\d+)", workdir
+            )
+            started.append(receiver)
+            tracing_env = {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{receiver.port}/v1/traces",
+                "OTEL_TRACES_SAMPLER": "always_on",
+                "OTEL_BSP_SCHEDULE_DELAY": "500",
+            }
         for shape in [s for s in args.shapes.split(",") if s in ("json", "stream")]:
             prof = workdir / f"sidecar-{shape}.prof"
             cmd = [py, "-m", "sidecar", "run", "--config", str(args.config.resolve())]
@@ -215,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             if use_cprofile:
                 cmd[1:1] = ["-m", "cProfile", "-o", str(prof)]
-            env = clean_env(BENCH_UPSTREAM_URL=f"http://127.0.0.1:{upstream.port}")
+            env = clean_env(BENCH_UPSTREAM_URL=f"http://127.0.0.1:{upstream.port}", **tracing_env)
             sidecar, _ = start(f"sidecar-{shape}", cmd, cores.target, SIDECAR_READY, workdir, env)
             started.append(sidecar)
             loadgen.probe({"s": ("127.0.0.1", sidecar.port)}, shape == "stream", 200)  # warm up
@@ -223,7 +245,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw = args.out / f"profile-{shape}.collapsed.txt"
             if use_pyspy:
                 spy = [pyspy, "record", "--pid", str(sidecar.popen.pid), "--format", "raw", "--function"]
-                spy += ["--rate", "250", "--nonblocking", "--duration", f"{round(duration)}", "-o", str(raw)]
+                spy += [
+                    "--rate",
+                    "250",
+                    *args.py_spy_args.split(),
+                    "--duration",
+                    f"{round(duration)}",
+                    "-o",
+                    str(raw),
+                ]
                 sampler = subprocess.Popen(
                     pinned(spy, cores.load), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
                 )

@@ -12,15 +12,20 @@ when scraped, so it equals the ledger's sum.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar, Sample
+from prometheus_client.utils import floatToGoString
 
-from sidecar.model import CallRecord
+from sidecar.model import TOKEN_TYPES, CallRecord
 from sidecar.sinks import QueueSink
 from sidecar.tenants import TenantCap
 
@@ -63,6 +68,122 @@ class _CostCollector(Collector):
         yield CounterMetricFamily("llm_cost_usd", "Cost of proxied calls in USD", labels=CALL_LABELS)
 
 
+class _Counter:
+    """A labelled counter kept as plain numbers: ``values[labels]`` and when each series began.
+
+    Written only by :meth:`Metrics.observe` (on the event loop); read at scrape time.
+    """
+
+    __slots__ = ("created", "doc", "labelnames", "name", "values")
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+        self.created: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        value = self.values.get(labels)
+        if value is None:
+            self.created[labels] = time.time()
+            self.values[labels] = amount
+        else:
+            self.values[labels] = value + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.doc, labels=self.labelnames)
+        created = self.created
+        for labels, value in list(self.values.items()):
+            family.add_metric(labels, value, created=created.get(labels))
+        return family
+
+
+class _Series:
+    """One histogram series: a count per bucket (not cumulative), the sum, the last exemplar per bucket."""
+
+    __slots__ = ("counts", "created", "exemplars", "total")
+
+    def __init__(self, size: int) -> None:
+        self.counts = [0] * size
+        self.total = 0.0
+        self.exemplars: list[tuple[str, float, float] | None] = [None] * size
+        self.created = time.time()
+
+
+class _Histogram:
+    """A labelled histogram kept as plain numbers (see :class:`_Counter`), exposed as
+    ``prometheus_client.Histogram`` exposes it: cumulative buckets, ``_count``, ``_sum``,
+    ``_created``, and a ``trace_id`` exemplar on the bucket of the last sampled call."""
+
+    __slots__ = ("bounds", "doc", "labelnames", "les", "name", "series")
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str], buckets: Sequence[float]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.bounds = (*(float(b) for b in buckets), math.inf)
+        self.les = tuple(floatToGoString(b) for b in self.bounds)  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], _Series] = {}
+
+    def observe(self, labels: tuple[str, ...], amount: float, trace_id: str | None = None) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = _Series(len(self.bounds))
+        # The first bucket whose upper bound is >= amount (prometheus_client's "le"); the
+        # amounts are durations, finite and not negative.
+        index = bisect_left(self.bounds, amount)
+        series.counts[index] += 1
+        series.total += amount
+        if trace_id is not None:
+            series.exemplars[index] = (trace_id, amount, time.time())
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.doc, labels=self.labelnames)
+        les = self.les
+        for labels, series in list(self.series.items()):
+            buckets: list[Any] = []
+            running = 0
+            for le, count, exemplar in zip(les, list(series.counts), list(series.exemplars), strict=True):
+                running += count
+                if exemplar is None:
+                    buckets.append((le, float(running)))
+                else:
+                    trace_id, value, at = exemplar
+                    buckets.append((le, float(running), Exemplar({"trace_id": trace_id}, value, at)))
+            family.add_metric(labels, buckets, series.total)
+            family.samples.append(
+                Sample(
+                    f"{self.name}_created", dict(zip(self.labelnames, labels, strict=True)), series.created
+                )
+            )
+        return family
+
+
+class _CallCollector(Collector):
+    """The per-call counters and histograms of :class:`Metrics`, built at scrape time.
+
+    ``prometheus_client``'s own metric objects take a lock on every increment and walk
+    their buckets in Python; the sidecar updates these from one thread (the event
+    loop, through :class:`MetricsSink`), so plain dicts do, and the exposition is the
+    same text.
+    """
+
+    def __init__(self, metrics: Sequence[_Counter | _Histogram]) -> None:
+        self.metrics = tuple(metrics)
+
+    def collect(self) -> Iterable[Metric]:
+        for metric in self.metrics:
+            yield metric.family()
+
+    def describe(self) -> Iterable[Metric]:
+        for metric in self.metrics:
+            if isinstance(metric, _Counter):
+                yield CounterMetricFamily(metric.name, metric.doc, labels=metric.labelnames)
+            else:
+                yield HistogramMetricFamily(metric.name, metric.doc, labels=metric.labelnames)
+
+
 class Metrics:
     """Every metric of the proxy core, registered on ``registry``."""
 
@@ -70,44 +191,47 @@ class Metrics:
         self.registry = registry
         self.tenants = TenantCap(max_tenants)
         self._models: set[str] = set()
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self.requests = Counter(
-            "llm_requests_total",
+        self.requests = _Counter(
+            "llm_requests",
             "Finished client calls, by the HTTP status the client got (499: client abort)",
             [*CALL_LABELS, "code"],
-            registry=registry,
         )
-        self.errors = Counter(
-            "llm_errors_total", "Failed calls by error type", [*CALL_LABELS, "error_type"], registry=registry
-        )
-        self.tokens = Counter(
-            "llm_tokens_total",
+        self.errors = _Counter("llm_errors", "Failed calls by error type", [*CALL_LABELS, "error_type"])
+        self.tokens = _Counter(
+            "llm_tokens",
             "Tokens by normalised type, reported by the provider or estimated locally",
             [*CALL_LABELS, "type", "source"],
-            registry=registry,
         )
-        self.cost = _CostCollector()
-        registry.register(self.cost)
-        self.duration = Histogram(
+        self.duration = _Histogram(
             "llm_request_duration_seconds",
             "Time from the client's request to the end of the response",
             CALL_LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "llm_time_to_first_token_seconds",
             "Streams: time from the request to the first event carrying generated content",
             CALL_LABELS,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            LATENCY_BUCKETS,
         )
-        self.overhead = Histogram(
+        self.overhead = _Histogram(
             "llm_proxy_overhead_seconds",
             "Time spent in the sidecar itself, not waiting on the upstream or the client",
-            buckets=OVERHEAD_BUCKETS,
-            registry=registry,
+            (),
+            OVERHEAD_BUCKETS,
         )
+        self.overhead.series[()] = _Series(len(self.overhead.bounds))  # exposed from the start
+        self.upstream_attempts = _Counter(
+            "llm_upstream_attempts",
+            "Upstream attempts, one or more per call (outcome: success, 4xx, 429, 5xx, connect_error, "
+            "timeout, aborted)",
+            ["upstream", "outcome"],
+        )
+        registry.register(
+            _CallCollector((self.requests, self.errors, self.tokens, self.duration, self.ttft, self.overhead))
+        )
+        self.cost = _CostCollector()
+        registry.register(self.cost)
         self.malformed = Counter(
             "llm_malformed_responses_total",
             "Upstream JSON or SSE bodies that could not be parsed (forwarded unchanged)",
@@ -139,13 +263,7 @@ class Metrics:
             registry=registry,
         )
         # -- gateway control (issue 6) --
-        self.upstream_attempts = Counter(
-            "llm_upstream_attempts_total",
-            "Upstream attempts, one or more per call (outcome: success, 4xx, 429, 5xx, connect_error, "
-            "timeout, aborted)",
-            ["upstream", "outcome"],
-            registry=registry,
-        )
+        registry.register(_CallCollector((self.upstream_attempts,)))
         self.fallbacks = Counter(
             "llm_fallbacks_total",
             "Calls moved from one upstream to the next (reason: the failure, or circuit_open)",
@@ -222,41 +340,43 @@ class Metrics:
             self.tenant_overflow.inc()
         return tenant, record.upstream, record.provider, self._model_label(record.model), record.route
 
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
-        """``metric.labels(*labels)``, cached: label values are capped, so the cache is bounded
-        by the series the metric holds anyway, and a dict hit skips prometheus_client's lock."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     def observe(self, record: CallRecord) -> None:
         """Account one finished call."""
         labels = self.labels_for(record)
-        child = self._child
-        child(self.requests, (*labels, str(record.status))).inc()
+        self.requests.inc((*labels, str(record.status)))
         if record.error_type is not None:
-            child(self.errors, (*labels, record.error_type)).inc()
-        counts = record.token_counts()
-        for count in counts:
-            # A reported zero still creates its series: it says "reported, and zero".
-            child(self.tokens, (*labels, count.type, count.source)).inc(count.count)
+            self.errors.inc((*labels, record.error_type))
+        # Each token type with a count, reported where reported, else estimated (what
+        # CallRecord.token_counts gives, without building its objects). A reported zero
+        # still creates its series: it says "reported, and zero".
+        usage, estimated = record.usage, record.estimated
+        tokens = self.tokens
+        counted = False
+        for token_type in TOKEN_TYPES:
+            count = getattr(usage, token_type)
+            if count is not None:
+                tokens.inc((*labels, token_type, "reported"), count)
+                counted = True
+                continue
+            count = getattr(estimated, token_type)
+            if count is not None:
+                tokens.inc((*labels, token_type, "estimated"), count)
+                counted = True
         if record.cost_usd is not None:
             self.cost.add(labels, record.cost_usd)
-        elif counts:
+        elif counted:
             self.unpriced.labels(labels[0], labels[3]).inc()
-        exemplar = {"trace_id": record.trace_id} if record.trace_id and record.trace_sampled else None
-        child(self.duration, labels).observe(record.duration_s, exemplar)
+        trace_id = record.trace_id if record.trace_id and record.trace_sampled else None
+        self.duration.observe(labels, record.duration_s, trace_id)
         if record.ttft_s is not None:
-            child(self.ttft, labels).observe(record.ttft_s, exemplar)
-        self.overhead.observe(record.overhead_s)
+            self.ttft.observe(labels, record.ttft_s, trace_id)
+        self.overhead.observe((), record.overhead_s)
         if record.throttled is not None:
             self.throttled.labels(labels[0], record.throttled).inc()
         if record.malformed:
             self.malformed.labels(record.upstream, record.provider).inc()
         for attempt in record.attempts:
-            child(self.upstream_attempts, (attempt.upstream, attempt.outcome)).inc()
+            self.upstream_attempts.inc((attempt.upstream, attempt.outcome))
         for event in record.events:
             if event.name == "fallback":
                 moved = dict(event.attributes)

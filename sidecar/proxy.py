@@ -401,8 +401,7 @@ class _Call:
         self.request = request
         self.started = started
         self.started_wall = time.time()
-        # os.urandom(16).hex() is uuid4().hex's randomness without building a UUID object.
-        self.request_id = recorded_text(request.headers.get("x-request-id")) or os.urandom(16).hex()
+        self.request_id = recorded_text(request.headers.get("x-request-id")) or tracecontext.random_id()
         self.route: Route | None = None
         self.shape: Shape | None = None
         self.provider = ""

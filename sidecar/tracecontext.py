@@ -74,3 +74,9 @@ def start(traceparent: str | None, tracestate: str | None, sample_ratio: float) 
         return SpanIds(trace_id, span_id, parent_span_id, sampled, tracestate or None)
     trace_id = f"{_rng.getrandbits(128) or 1:032x}"
     return SpanIds(trace_id, span_id, None, _ratio_sampled(trace_id, sample_ratio), None)
+
+
+def random_id() -> str:
+    """128 random bits as 32 hex digits (a request id when the client sent none): the same
+    randomness as ``uuid4().hex``, from the seeded generator above, without a system call."""
+    return f"{_rng.getrandbits(128):032x}"

@@ -223,3 +223,76 @@ def test_gateway_fields_appear_only_on_calls_the_gateway_touched() -> None:
     line = json.loads(to_log_line(routed))
     assert (line["route"], line["variant"], line["attempts"]) == ("chat", "candidate", ["a:5xx", "b:success"])
     assert json.loads(to_log_line(dataclasses.replace(BASE, throttled="rpm")))["throttled"] == "rpm"
+
+
+def reference_line(record: CallRecord) -> str:
+    """The line as ``json.dumps`` of a dict writes it: what to_log_line's field-by-field text must equal."""
+    from sidecar.calllog import _tokens
+    from sidecar.ledger import iso_utc
+
+    def seconds(value: float | None) -> float | None:
+        return None if value is None else round(value, 6)
+
+    tokens, source = _tokens(record)
+    line: dict[str, object] = {
+        "time": iso_utc(record.finished_at or record.started_at + record.duration_s),
+        "level": level_of(record),
+        "event": "llm_call",
+        "request_id": record.request_id,
+        "trace_id": record.trace_id,
+        "span_id": record.span_id,
+        "tenant": record.tenant,
+        "upstream": record.upstream,
+        "provider": record.provider or None,
+        "operation": record.operation,
+        "model": record.model,
+        "request_model": record.request_model,
+        "response_model": record.response_model,
+        "method": record.method,
+        "stream": record.stream,
+        "status": record.status,
+        "error_type": record.error_type,
+        "duration_s": seconds(record.duration_s),
+        "ttft_s": seconds(record.ttft_s),
+        "overhead_s": seconds(record.overhead_s),
+        "tokens": tokens,
+        "tokens_source": source,
+        "cost_usd": float(record.cost_usd) if record.cost_usd is not None else None,
+        "price_version": record.price_version or None,
+    }
+    if record.route:
+        line["route"] = record.route
+        if record.variant:
+            line["variant"] = record.variant
+    if record.throttled:
+        line["throttled"] = record.throttled
+    if len(record.attempts) > 1:
+        line["attempts"] = [f"{a.upstream}:{a.outcome}" for a in record.attempts]
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"tenant": 'ac"me\\\n\t\x00\x1f\u2028é日本', "request_id": "ünï\x7f", "response_model": 'ø"m'},
+        {"request_model": None, "response_model": None, "provider": "", "trace_id": None, "span_id": None},
+        {"ttft_s": None, "overhead_s": 1e-9, "duration_s": 123456.7891234567, "cost_usd": None},
+        {"duration_s": float("nan"), "ttft_s": float("inf"), "overhead_s": float("-inf")},
+        {"cost_usd": Decimal("1E-12"), "usage": Usage(), "estimated": Usage(), "price_version": ""},
+        {"cost_usd": Decimal("12345678901234567890.123"), "usage": Usage(input=0, output=0)},
+        {"error_type": "upstream_5xx", "status": 502, "stream": False},
+        {"error_type": "client_abort", "status": 499, "throttled": "rpm"},
+        {"route": "r", "variant": "canary", "attempts": ()},
+        {"route": "r", "variant": ""},
+        {"finished_at": 0.0, "started_at": 1735689600.9999996},
+    ],
+)
+def test_log_line_is_what_json_dumps_writes(changes: dict[str, object]) -> None:
+    from sidecar.model import UpstreamAttempt
+
+    record = rec(**changes)
+    assert to_log_line(record) == reference_line(record)
+    attempts = (UpstreamAttempt("a", "5xx", 0.0, 0.1), UpstreamAttempt('b"é', "success", 0.1, 0.2))
+    with_attempts = dataclasses.replace(record, attempts=attempts)
+    assert to_log_line(with_attempts) == reference_line(with_attempts)
