@@ -9,14 +9,16 @@ worked out by hand (each test says how).
 from __future__ import annotations
 
 import math
+import random
 import textwrap
 from collections.abc import Iterable
+from dataclasses import replace
 
 import pytest
 
 from sidecar.model import CallRecord, Usage
 from sidecar.rules import spec
-from sidecar.rules.engine import Engine
+from sidecar.rules.engine import DEFAULT_MATCH_CACHE, Engine
 from sidecar.rules.incidents import Incident
 from sidecar.rules.model import RuleSet
 from sidecar.rules.testing import call, drive, times
@@ -495,3 +497,124 @@ def test_incident_gauges() -> None:
         (("rule", "quiet"), ("severity", "page")): 40.0
     }
     assert samples(engine, T0 + 100, "llm_alerts_firing") == {(("rule", "quiet"), ("severity", "page")): 1.0}
+
+
+# -- the match cache of observe -----------------------------------------------------------
+
+_COUNTING = """
+- {name: openai, kind: budget, signal: tokens, period: 1h, limit: 1000000, match: {provider: openai}}
+- name: gpt4
+  kind: budget
+  signal: tokens
+  period: 1h
+  limit: 1000000
+  match: {model: {regex: "gpt-4.*"}, upstream: [a, b]}
+  group_by: [model, upstream]
+"""
+
+
+def spent(engine: Engine, now: float) -> dict[tuple[tuple[str, str], ...], float]:
+    return samples(engine, now, "llm_budget_spent")
+
+
+def test_each_call_gets_the_rules_its_own_labels_match() -> None:
+    # One output token per call, so each budget's spend counts the calls it saw.
+    engine = Engine(rules(_COUNTING, "{group_by: [tenant]}"), T0)
+    one = Usage(input=0, output=1)
+    traffic = [
+        call(T0, provider="openai", upstream="a", model="gpt-4o", usage=one),  # both
+        call(T0, provider="anthropic", upstream="a", model="gpt-4o", usage=one),  # gpt4 only
+        call(T0, provider="openai", upstream="c", model="gpt-4o", usage=one),  # openai only
+        call(T0, provider="openai", upstream="b", model="o1", usage=one),  # openai only
+        # The answering model counts, not the requested one.
+        replace(call(T0, provider="anthropic", upstream="b", model="gpt-4o", usage=one), response_model="o1"),
+        replace(
+            call(T0, provider="anthropic", upstream="b", model="o1", usage=one), response_model="gpt-4-x"
+        ),
+    ]
+    for _ in range(3):  # the second and third rounds are answered from the cache
+        for record in traffic:
+            engine.observe(record, T0)
+    assert spent(engine, T0) == {
+        (("rule", "openai"), ("tenant", "acme")): 9.0,
+        (("rule", "gpt4"), ("model", "gpt-4o"), ("upstream", "a")): 6.0,
+        (("rule", "gpt4"), ("model", "gpt-4-x"), ("upstream", "b")): 3.0,
+    }
+
+
+def test_the_match_cache_is_bounded() -> None:
+    small = Engine(rules(_COUNTING, "{group_by: [tenant]}"), T0, match_cache=8)
+    default = Engine(rules(_COUNTING, "{group_by: [tenant]}"), T0)
+    for i in range(DEFAULT_MATCH_CACHE + 50):
+        record = call(T0, tenant=f"t{i}", usage=Usage(output=1))
+        small.observe(record, T0)
+        default.observe(record, T0)
+        assert len(small._targets) <= 8
+    assert 0 < len(default._targets) <= DEFAULT_MATCH_CACHE
+    # Starting over loses nothing: every tenant was filed once by either engine.
+    for engine in (small, default):
+        openai = {k: v for k, v in spent(engine, T0).items() if k[0] == ("rule", "openai")}
+        assert len(openai) == DEFAULT_MATCH_CACHE + 50 and set(openai.values()) == {1.0}
+
+
+def test_a_reload_forgets_which_rules_matched() -> None:
+    engine = Engine(
+        rules("- {name: b, kind: budget, signal: tokens, period: 1h, limit: 99, match: {provider: openai}}"),
+        T0,
+    )
+    one = Usage(output=1)
+    openai, anthropic = call(T0, provider="openai", usage=one), call(T0, provider="anthropic", usage=one)
+    engine.observe(openai, T0)
+    engine.observe(anthropic, T0)  # matched no rule
+    engine.replace_rules(
+        rules(
+            "- {name: b, kind: budget, signal: tokens, period: 1h, limit: 99, match: {provider: anthropic}}"
+        ),
+        T0,
+    )
+    engine.observe(openai, T0)  # no longer matches
+    engine.observe(anthropic, T0)  # now does
+    assert spent(engine, T0) == {(("rule", "b"),): 1.0}
+
+
+def test_cached_and_uncached_matching_agree_on_random_traffic() -> None:
+    text = """
+    - name: slo
+      kind: slo
+      objective: 99
+      period: 1d
+      alerts: [{severity: page, long: 1h, short: 5m, factor: 2}]
+      match: {provider: openai}
+      group_by: [tenant, model]
+    - {name: err, kind: error_rate, threshold: 10%, window: 2m, match: {model: {regex: "gpt-.*"}},
+       group_by: [upstream]}
+    - {name: lat, kind: latency, signal: duration, quantile: 0.9, threshold: 1s, window: 3m,
+       group_by: [provider]}
+    - {name: tok, kind: budget, signal: tokens, period: 10m, limit: 3000, action: reject,
+       group_by: [tenant, model]}
+    - {name: usd, kind: budget, signal: cost_usd, period: 10m, limit: 0.2, match: {upstream: [a]}}
+    - {name: quiet, kind: absence, window: 2m, group_by: [upstream, provider]}
+    """
+    engines = [Engine(rules(text), T0, match_cache=size) for size in (0, 3, DEFAULT_MATCH_CACHE)]
+    rnd = random.Random(7)
+    out: list[list[str]] = [[] for _ in engines]
+    for i in range(3000):
+        t = T0 + i * 0.4
+        record = call(
+            t,
+            tenant=rnd.choice(["acme", "beta", "gamma"]),
+            upstream=rnd.choice(["a", "b"]),
+            provider=rnd.choice(["openai", "anthropic"]),
+            model=rnd.choice(["gpt-4o", "gpt-3.5", "claude"]),
+            error_type=rnd.choice([None, None, None, "timeout"]),
+            duration=rnd.choice([0.1, 3.0]),
+            cost=rnd.randrange(1, 1000) / 100_000,
+            usage=Usage(input=rnd.randrange(20), output=rnd.randrange(20)),
+        )
+        for engine, lines in zip(engines, out, strict=True):
+            engine.observe(record, t)
+            if i % 40 == 0:
+                lines.extend(repr(tr) for tr in engine.evaluate(t))
+                lines.extend(repr(s) for s in engine.samples(t))
+    assert any("firing" in line for line in out[0])
+    assert out[0] == out[1] == out[2]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+import random
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from sidecar.rules.windows import LATENCY_BUCKETS, HistogramRing, Ring, calendar_period, histogram_quantile
+from sidecar.rules.windows import (
+    LATENCY_BUCKETS,
+    HistogramRing,
+    Ring,
+    SumRing,
+    calendar_period,
+    histogram_quantile,
+)
 
 # 2023-11-14 00:00:00 UTC, a Tuesday.
 T0 = 1_699_920_000
@@ -51,6 +59,61 @@ def test_ring_rejects_bad_shapes() -> None:
         Ring(window=0)
     with pytest.raises(ValueError):
         Ring(window=10, width=0)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "fractional"])
+@pytest.mark.parametrize("slots", [1, 3, 60])
+def test_sum_ring_add_total_is_the_same_double_as_totals(whole: bool, slots: int) -> None:
+    # Calls in order, at the same instant, bursts, gaps of several buckets or whole windows,
+    # and late ones (inside the window or dropped as too old), against a plain Ring.
+    rnd = random.Random(slots * 2 + whole)
+    window = 60.0
+    for _ in range(40):
+        plain, ring = Ring(window, 1, slots), SumRing(window, slots)
+        t = T0 + rnd.uniform(0, 1000)
+        for _ in range(150):
+            t += rnd.choice([0.0, rnd.expovariate(slots / window), rnd.uniform(0, 2.5 * window)])
+            at = t - rnd.uniform(0, 1.5 * window) if rnd.random() < 0.2 else t
+            amount = float(rnd.randrange(1, 10**6)) if whole else rnd.randrange(1, 10**6) / 10**8
+            if rnd.random() < 0.05:
+                plain.add(at, 0, amount)  # the plain add also keeps the running total honest
+                ring.add(at, 0, amount)
+                continue
+            plain.add(at, 0, amount)
+            assert ring.add_total(at, amount) == plain.totals(at)[0]
+        assert ring.totals(t) == plain.totals(t)
+
+
+def test_sum_ring_sums_the_window_only_when_it_must(monkeypatch: pytest.MonkeyPatch) -> None:
+    sums = 0
+    totals = Ring.totals
+
+    def counting(self: Ring, now: float) -> list[float]:
+        nonlocal sums
+        sums += 1
+        return totals(self, now)
+
+    monkeypatch.setattr(Ring, "totals", counting)
+    tokens, plain = SumRing(3600.0), Ring(3600.0)
+    for i in range(1000):  # a call every 30 s: a new bucket every other call
+        plain.add(T0 + i * 30.0, 0, 50.0)
+        assert tokens.add_total(T0 + i * 30.0, 50.0) == totals(plain, T0 + i * 30.0)[0]
+    assert tokens.add_total(T0 + 1000 * 30.0, 50.0) == 50.0 * 119  # 59 buckets of 2 calls, and this one
+    assert sums == 1  # the first call; then O(1) per call
+    sums = 0
+    dollars = SumRing(3600.0)
+    for i in range(100):
+        dollars.add_total(T0 + i * 30.0, 0.1)
+    assert sums == 100  # fractions: summed in slot order, as totals does
+
+
+def test_sum_ring_past_2_to_the_53_falls_back_to_summing() -> None:
+    # 2**53 - 1 in one bucket, then 2 and 1 in the next: the running total would round
+    # 2**53 + 1 to 2**53, where the window's sum is (2**53 - 1) + 3 = 2**53 + 2.
+    plain, ring = Ring(60.0), SumRing(60.0)
+    for at, amount in ((T0, 2.0**53 - 1), (T0 + 1, 2.0), (T0 + 1, 1.0), (T0 + 2, 5.0)):
+        plain.add(at, 0, amount)
+        assert ring.add_total(at, amount) == plain.totals(at)[0]
 
 
 def test_histogram_quantile_is_prometheus_bucket_quantile() -> None:

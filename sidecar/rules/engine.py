@@ -43,7 +43,7 @@ from typing import Generic, TypeVar
 from zoneinfo import ZoneInfo
 
 from sidecar.durations import format_duration
-from sidecar.model import CallRecord, Usage
+from sidecar.model import TOKEN_TYPES, CallRecord, Usage
 from sidecar.rules import templates
 from sidecar.rules.incidents import Incident, IncidentBook
 from sidecar.rules.model import (
@@ -58,9 +58,10 @@ from sidecar.rules.model import (
     SloRule,
 )
 from sidecar.rules.state import AlertTable, Event, LabelSet, Transition
-from sidecar.rules.windows import HistogramRing, Ring, calendar_period
+from sidecar.rules.windows import HistogramRing, Ring, SumRing, calendar_period
 
 __all__ = [
+    "DEFAULT_MATCH_CACHE",
     "DEFAULT_MAX_SERIES",
     "BudgetBreach",
     "Engine",
@@ -72,6 +73,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SERIES = 10_000
+#: Distinct call label sets whose matching rules and groups :meth:`Engine.observe` remembers.
+DEFAULT_MATCH_CACHE = 4096
 #: A failed upstream attempt's outcome → the error type a rule sees for it.
 _ATTEMPT_ERRORS = {
     "5xx": "upstream_5xx",
@@ -145,6 +148,10 @@ class _Evaluator:
 
     def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
         """File one matching call at time ``t``."""
+        self.file(self.group(labels), record, t)
+
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
+        """File one matching call of the group ``key`` (``group(labels)``) at time ``t``."""
 
     def results(self, now: float, book: IncidentBook) -> dict[str, dict[LabelSet, Result]]:
         """Active label sets per severity, with what was measured."""
@@ -182,11 +189,11 @@ class _SeriesEvaluator(_Evaluator, Generic[S]):
             if len(self.series) >= self.max_series:
                 self.dropped += 1
                 return None
-            series = self.new_series()
+            series = self.new_series(key)
             self.series[key] = series
         return series
 
-    def new_series(self) -> S:
+    def new_series(self, key: LabelSet) -> S:
         raise NotImplementedError
 
     def idle(self, series: S, now: float) -> bool:
@@ -204,19 +211,22 @@ class _SloEvaluator(_SeriesEvaluator[dict[float, Ring]]):
     def __init__(self, rule: SloRule, now: float, max_series: int) -> None:
         super().__init__(rule, now, max_series)
         self.windows = rule.windows()
+        self.bad = frozenset(rule.bad)
 
-    def new_series(self) -> dict[float, Ring]:
+    def new_series(self, key: LabelSet) -> dict[float, Ring]:
         return {w: Ring(w, 2) for w in self.windows}
 
-    def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
-        series = self._series(self.group(labels))
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
+        series = self._series(key)
         if series is None:
             return
-        bad = 1.0 if record.error_type in self.rule.bad else 0.0
-        for ring in series.values():
-            ring.add(t, 0, 1.0)
-            if bad:
+        if record.error_type in self.bad:
+            for ring in series.values():
+                ring.add(t, 0, 1.0)
                 ring.add(t, 1, 1.0)
+        else:
+            for ring in series.values():
+                ring.add(t, 0, 1.0)
 
     def ratios(self, series: dict[float, Ring], now: float) -> dict[float, tuple[float, float]]:
         out: dict[float, tuple[float, float]] = {}
@@ -286,14 +296,18 @@ class _SloEvaluator(_SeriesEvaluator[dict[float, Ring]]):
 class _LatencyEvaluator(_SeriesEvaluator[HistogramRing]):
     rule: LatencyRule
 
-    def new_series(self) -> HistogramRing:
+    def __init__(self, rule: LatencyRule, now: float, max_series: int) -> None:
+        super().__init__(rule, now, max_series)
+        self.duration = rule.signal == "duration"
+
+    def new_series(self, key: LabelSet) -> HistogramRing:
         return HistogramRing(self.rule.window)
 
-    def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
-        value = record.duration_s if self.rule.signal == "duration" else record.ttft_s
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
+        value = record.duration_s if self.duration else record.ttft_s
         if value is None:
             return
-        series = self._series(self.group(labels))
+        series = self._series(key)
         if series is not None:
             series.observe(t, value)
 
@@ -325,14 +339,18 @@ class _LatencyEvaluator(_SeriesEvaluator[HistogramRing]):
 class _ErrorRateEvaluator(_SeriesEvaluator[Ring]):
     rule: ErrorRateRule
 
-    def new_series(self) -> Ring:
+    def __init__(self, rule: ErrorRateRule, now: float, max_series: int) -> None:
+        super().__init__(rule, now, max_series)
+        self.bad = frozenset(rule.bad)
+
+    def new_series(self, key: LabelSet) -> Ring:
         return Ring(self.rule.window, 2)
 
-    def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
-        series = self._series(self.group(labels))
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
+        series = self._series(key)
         if series is not None:
             series.add(t, 0, 1.0)
-            if record.error_type in self.rule.bad:
+            if record.error_type in self.bad:
                 series.add(t, 1, 1.0)
 
     def results(self, now: float, book: IncidentBook) -> dict[str, dict[LabelSet, Result]]:
@@ -359,20 +377,33 @@ def budget_amount(rule: BudgetRule, record: CallRecord) -> float:
     """What one call spends of a budget rule: its cost, or its tokens (of one type, or input + output)."""
     if rule.signal == "cost_usd":
         return float(record.cost_usd) if record.cost_usd is not None else 0.0
-    counts = {c.type: c.count for c in record.token_counts()}
     if rule.token_type is not None:
-        return float(counts.get(rule.token_type, 0))
-    return float(counts.get("input", 0) + counts.get("output", 0))
+        return float(_token_count(record, rule.token_type))
+    return float(_token_count(record, "input") + _token_count(record, "output"))
+
+
+def _token_count(record: CallRecord, token_type: str) -> int:
+    """What ``record.token_counts()`` says of one type (reported, else estimated; 0 without
+    either), without building the list: this runs for every call a token budget sees."""
+    if token_type not in TOKEN_TYPES:
+        return 0
+    count = record.usage.get(token_type)
+    if count is None:
+        count = record.estimated.get(token_type)
+    return count if count is not None else 0
+
+
+#: The labels a rule matches and groups a call by, in the order of :func:`_call_key`.
+_CALL_LABELS = ("tenant", "upstream", "provider", "model")
+
+
+def _call_key(record: CallRecord) -> tuple[str, str, str, str]:
+    return (record.tenant, record.upstream, record.provider, record.model)
 
 
 def call_labels(record: CallRecord) -> dict[str, str]:
     """The labels a rule matches and groups a call by."""
-    return {
-        "tenant": record.tenant,
-        "upstream": record.upstream,
-        "provider": record.provider,
-        "model": record.model,
-    }
+    return dict(zip(_CALL_LABELS, _call_key(record), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +437,8 @@ class _Spend:
     start: float = 0.0  # calendar: the period start this sum belongs to
     end: float = 0.0
     spent: float = 0.0
-    ring: Ring | None = None  # rolling periods
+    ring: SumRing | None = None  # rolling periods
+    limit: float = math.inf  # the group's limit (rule.limit_for(key)), looked up once
 
 
 class _BudgetEvaluator(_SeriesEvaluator[_Spend]):
@@ -417,8 +449,9 @@ class _BudgetEvaluator(_SeriesEvaluator[_Spend]):
         self.tz = ZoneInfo(rule.timezone)
         self.exceeded: set[LabelSet] = set()
 
-    def new_series(self) -> _Spend:
-        return _Spend(ring=None if self.rule.calendar else Ring(self.rule.period, 1))
+    def new_series(self, key: LabelSet) -> _Spend:
+        ring = None if self.rule.calendar else SumRing(self.rule.period)
+        return _Spend(ring=ring, limit=self.rule.limit_for(key))
 
     def amount(self, record: CallRecord) -> float:
         return budget_amount(self.rule, record)
@@ -428,15 +461,16 @@ class _BudgetEvaluator(_SeriesEvaluator[_Spend]):
             return spend.ring.totals(now)[0]
         return spend.spent if spend.start <= now < spend.end else 0.0
 
-    def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
         amount = self.amount(record)
-        key = self.group(labels)
         spend = self._series(key)
         if spend is None or amount <= 0:
             return
         if spend.ring is not None:
-            spend.ring.add(t, 0, amount)
-            total = spend.ring.totals(t)[0]
+            if key in self.exceeded:
+                spend.ring.add(t, 0, amount)  # already over: the total would change nothing
+                return
+            total = spend.ring.add_total(t, amount)
         else:
             if not spend.start <= t < spend.end:
                 start, end = calendar_period(t, self.rule.period_text, self.tz)
@@ -445,7 +479,7 @@ class _BudgetEvaluator(_SeriesEvaluator[_Spend]):
                 spend.start, spend.end, spend.spent = start, end, 0.0
             spend.spent += amount
             total = spend.spent
-        if total >= self.rule.limit_for(key):
+        if total >= spend.limit:
             self.exceeded.add(key)  # effective at once for action: reject, before the next evaluation
 
     def results(self, now: float, book: IncidentBook) -> dict[str, dict[LabelSet, Result]]:
@@ -492,13 +526,15 @@ class _AbsenceEvaluator(_Evaluator):
         # An ungrouped rule watches from the start; grouped ones from each group's first call.
         self.last_seen: dict[LabelSet, float] = {} if rule.group_by else {(): now}
 
-    def observe(self, labels: Mapping[str, str], record: CallRecord, t: float) -> None:
-        key = self.group(labels)
+    def file(self, key: LabelSet, record: CallRecord, t: float) -> None:
         seen = self.last_seen.get(key)
-        if seen is None and len(self.last_seen) >= self.max_series:
-            self.dropped += 1
-            return
-        self.last_seen[key] = t if seen is None else max(seen, t)
+        if seen is None:
+            if len(self.last_seen) >= self.max_series:
+                self.dropped += 1
+                return
+            self.last_seen[key] = t
+        elif t > seen:  # max(seen, t)
+            self.last_seen[key] = t
 
     def results(self, now: float, book: IncidentBook) -> dict[str, dict[LabelSet, Result]]:
         window = self.rule.window
@@ -576,14 +612,24 @@ _EVALUATORS: dict[str, type[_Evaluator]] = {
 
 @dataclass
 class Engine:
-    """Rules, their windows and alerts, and the incident book. Not thread-safe: one loop owns it."""
+    """Rules, their windows and alerts, and the incident book. Not thread-safe: one loop owns it.
+
+    ``match_cache`` bounds how many distinct call label sets (tenant, upstream, provider,
+    model) :meth:`observe` remembers the matching rules and group keys of; the labels
+    come from clients, so when it is full it starts over. 0 turns it off.
+    """
 
     rules: RuleSet
     now: float
     merge_gap: float = 300.0
     max_series: int = DEFAULT_MAX_SERIES
+    match_cache: int = DEFAULT_MATCH_CACHE
     book: IncidentBook = field(init=False)
     _evaluators: list[_Evaluator] = field(init=False, default_factory=list)
+    #: Call labels (``_call_key``) -> the call rules that match them, each with its group key.
+    _targets: dict[tuple[str, str, str, str], tuple[tuple[_Evaluator, LabelSet], ...]] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
     _rejects: list[_BudgetEvaluator] = field(init=False, default_factory=list)
     #: Rules that also see each failed attempt of a rewritten model (canary ``rollback_on``).
     attempt_rules: frozenset[str] = field(init=False, default=frozenset())
@@ -634,6 +680,7 @@ class Engine:
                 out.extend(self._retire(ev, now, "the rule was removed in a reload"))
         self.rules = rules
         self._evaluators = kept
+        self._targets.clear()
         self._index_rejects()
         return out
 
@@ -655,17 +702,28 @@ class Engine:
     def observe(self, record: CallRecord, now: float) -> None:
         """File one finished call (at its ``finished_at``, never later than ``now``)."""
         t = record.finished_at if 0 < record.finished_at <= now else now
-        labels = {
-            "tenant": record.tenant,
-            "upstream": record.upstream,
-            "provider": record.provider,
-            "model": record.model,
-        }
-        for ev in self._evaluators:
-            if ev.rule.kind not in _INCIDENT_KINDS and ev.rule.matches(labels):
-                ev.observe(labels, record, t)
+        for ev, key in self._targets_of(record):
+            ev.file(key, record, t)
         if self.attempt_rules and len(record.attempts) > 1:
             self._observe_failed_attempts(record, t)
+
+    def _targets_of(self, record: CallRecord) -> tuple[tuple[_Evaluator, LabelSet], ...]:
+        """The call rules (not ``mttr``/``incident_age``) that match ``record``, in order, each
+        with the record's group key; a rule's match and group read only these labels."""
+        labels_key = _call_key(record)
+        targets = self._targets.get(labels_key)
+        if targets is None:
+            labels = dict(zip(_CALL_LABELS, labels_key, strict=True))
+            targets = tuple(
+                (ev, ev.group(labels))
+                for ev in self._evaluators
+                if ev.rule.kind not in _INCIDENT_KINDS and ev.rule.matches(labels)
+            )
+            if len(self._targets) >= self.match_cache:
+                self._targets.clear()
+            if self.match_cache > 0:
+                self._targets[labels_key] = targets
+        return targets
 
     def _observe_failed_attempts(self, record: CallRecord, t: float) -> None:
         """File the failed attempts of a rewritten model (a canary candidate) with the rules
@@ -694,15 +752,9 @@ class Engine:
                 attempts=(),
                 events=(),
             )
-            labels = {
-                "tenant": failed.tenant,
-                "upstream": failed.upstream,
-                "provider": failed.provider,
-                "model": failed.model,
-            }
-            for ev in self._evaluators:
-                if ev.rule.name in self.attempt_rules and ev.rule.matches(labels):
-                    ev.observe(labels, failed, t)
+            for ev, key in self._targets_of(failed):
+                if ev.rule.name in self.attempt_rules:
+                    ev.file(key, failed, t)
 
     def budget_exceeded(self, tenant: str, provider: str, model: str, upstream: str) -> bool:
         """True when a ``budget`` rule with ``action: reject`` has spent the budget of this call's group."""

@@ -36,6 +36,7 @@ __all__ = [
     "LATENCY_BUCKETS",
     "HistogramRing",
     "Ring",
+    "SumRing",
     "calendar_period",
     "histogram_quantile",
 ]
@@ -64,6 +65,17 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 DEFAULT_SLOTS = 60
 
 
+_ZEROS: dict[int, array[float]] = {}
+
+
+def _zeros(width: int) -> array[float]:
+    """``width`` zero doubles, one array shared by every ring of that width (read only)."""
+    zeros = _ZEROS.get(width)
+    if zeros is None:
+        zeros = _ZEROS[width] = array("d", bytes(8 * width))
+    return zeros
+
+
 class Ring:
     """Sums of ``width`` float fields per time bucket, over a sliding window.
 
@@ -75,7 +87,7 @@ class Ring:
     [1.0, 0.0]
     """
 
-    __slots__ = ("_epochs", "_slots", "_values", "step", "width", "window")
+    __slots__ = ("_epochs", "_slots", "_values", "_zeros", "step", "width", "window")
 
     def __init__(self, window: float, width: int = 1, slots: int = DEFAULT_SLOTS) -> None:
         if window <= 0 or width < 1 or slots < 1:
@@ -85,25 +97,28 @@ class Ring:
         self.step = window / slots
         self._slots = slots
         # The bucket number (floor(t / step)) each slot currently holds; -1: never used.
-        self._epochs = array("q", [-1] * slots)
+        self._epochs = array("q", [-1]) * slots
         self._values = array("d", bytes(8 * slots * width))
+        self._zeros = _zeros(width)  # what a reused slot's fields are reset to (shared)
 
     def _epoch(self, t: float) -> int:
         return math.floor(t / self.step)
 
     def add(self, t: float, field: int, amount: float) -> None:
         """Add ``amount`` to ``field`` in the bucket holding time ``t``."""
-        epoch = self._epoch(t)
+        # The hot path of every observed call: locals, and _epoch() inlined.
+        epoch = math.floor(t / self.step)
         slot = epoch % self._slots
-        held = self._epochs[slot]
+        epochs = self._epochs
+        held = epochs[slot]
+        width = self.width
         if held != epoch:
             if held > epoch:
                 return  # older than the window: a newer bucket already reuses this slot
-            self._epochs[slot] = epoch
-            base = slot * self.width
-            for i in range(base, base + self.width):
-                self._values[i] = 0.0
-        self._values[slot * self.width + field] += amount
+            epochs[slot] = epoch
+            base = slot * width
+            self._values[base : base + width] = self._zeros
+        self._values[slot * width + field] += amount
 
     def add_vector(self, t: float, amounts: Sequence[float]) -> None:
         """Add one value per field (``len(amounts) == width``) in the bucket holding ``t``."""
@@ -115,14 +130,17 @@ class Ring:
         """Per-field sums over the window that ends at ``now``."""
         newest = self._epoch(now)
         oldest = newest - self._slots
-        out = [0.0] * self.width
         width = self.width
-        for slot in range(self._slots):
-            epoch = self._epochs[slot]
-            if oldest < epoch <= newest:
-                base = slot * width
-                for field in range(width):
-                    out[field] += self._values[base + field]
+        values = self._values
+        live = [slot * width for slot, epoch in enumerate(self._epochs) if oldest < epoch <= newest]
+        out: list[float] = []
+        # Field by field, each summed in slot order (the same float additions as slot by
+        # slot); not sum(), which compensates from Python 3.12 on and changes the last bits.
+        for field in range(width):
+            total = 0.0
+            for base in live:
+                total += values[base + field]
+            out.append(total)
         return out
 
     def empty(self, now: float) -> bool:
@@ -134,6 +152,81 @@ class Ring:
     def nbytes(self) -> int:
         """Bytes held by the bucket arrays (the per-series memory figure in the docs)."""
         return self._epochs.itemsize * len(self._epochs) + self._values.itemsize * len(self._values)
+
+
+#: Below 2**53 every whole number is a double, so sums of whole numbers that stay below it are exact.
+_EXACT_WHOLE = 2.0**53
+
+
+class SumRing(Ring):
+    """A one-field :class:`Ring` that answers "the window total right after this add" cheaply.
+
+    :meth:`add_total` is what a rolling budget needs on every call. While every amount
+    ever added is a whole number >= 0 and their sum stays below 2**53 (token counts),
+    every partial sum, and every difference of them, is exact: the total kept since the
+    previous call, moved by the buckets that left and entered the window since, is the
+    very double :meth:`~Ring.totals` would return, at a cost that does not grow with the
+    window. Otherwise (fractional dollars), or when ``t`` is older than the previous
+    call's bucket or a whole window later, it sums the window as ``totals`` does.
+
+    >>> ring = SumRing(window=60.0, slots=6)
+    >>> ring.add_total(5.0, 2.0), ring.add_total(7.0, 3.0), ring.add_total(15.0, 1.0)
+    (2.0, 5.0, 6.0)
+    >>> ring.add_total(65.0, 1.0)  # the bucket [0, 10) has left the window
+    2.0
+    """
+
+    __slots__ = ("_added", "_memo_epoch", "_memo_total", "_whole")
+
+    def __init__(self, window: float, slots: int = DEFAULT_SLOTS) -> None:
+        super().__init__(window, 1, slots)
+        self._whole = True  # every amount so far whole and >= 0, their sum < 2**53
+        self._added = 0.0
+        self._memo_epoch: int | None = None  # the newest bucket of the window _memo_total sums
+        self._memo_total = 0.0
+
+    def _note(self, amount: float) -> None:
+        if self._whole:
+            if amount >= 0 and float(amount).is_integer() and self._added + amount < _EXACT_WHOLE:
+                self._added += amount
+            else:
+                self._whole = False
+
+    def add(self, t: float, field: int, amount: float) -> None:
+        """As :meth:`Ring.add` (forgets the running total)."""
+        super().add(t, field, amount)
+        self._note(amount)
+        self._memo_epoch = None
+
+    def add_total(self, t: float, amount: float) -> float:
+        """``add(t, 0, amount)``, then ``totals(t)[0]``: the same double, without the sum when exact."""
+        self._note(amount)
+        epoch = math.floor(t / self.step)
+        memo = self._memo_epoch
+        if not self._whole or memo is None or not memo <= epoch < memo + self._slots:
+            Ring.add(self, t, 0, amount)
+            total = self.totals(t)[0]
+        else:
+            total = self._moved(self._memo_total, memo, epoch)
+            Ring.add(self, t, 0, amount)
+            # The add landed in the newest bucket (a reused slot held one outside the
+            # window), or was dropped as older than the bucket reusing the slot.
+            if self._epochs[epoch % self._slots] == epoch:
+                total += amount
+        self._memo_epoch, self._memo_total = epoch, total
+        return total
+
+    def _moved(self, total: float, old: int, new: int) -> float:
+        """The total of the window ending in bucket ``new``, from that ending in ``old``
+        (``old <= new < old + slots``): minus the buckets that left, plus those that entered."""
+        epochs, values, slots = self._epochs, self._values, self._slots
+        for epoch in range(old - slots + 1, new - slots + 1):
+            if epochs[epoch % slots] == epoch:
+                total -= values[epoch % slots]
+        for epoch in range(old + 1, new + 1):
+            if epochs[epoch % slots] == epoch:
+                total += values[epoch % slots]
+        return total
 
 
 class HistogramRing:
