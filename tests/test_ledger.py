@@ -456,3 +456,193 @@ async def test_a_disabled_ledger_writes_nothing_and_does_not_gate_readiness(
         async with s.get(f"http://127.0.0.1:{sc.admin_port}/readyz") as r:
             assert r.status == 200
     assert not (data / "ledger.sqlite3").exists() and not (data / "ledger.journal").exists()
+
+
+# -- the writer's fast paths: the same text, the same rows, the same reasons --------------------
+
+
+def test_iso_utc_is_datetimes_text() -> None:
+    import random
+    from datetime import UTC, datetime
+
+    from sidecar.ledger import iso_utc
+
+    rng = random.Random(7)
+    epochs = [rng.uniform(0, 4e9) for _ in range(20_000)]
+    epochs += [
+        rng.randrange(0, 4 * 10**9) + f for f in (0.0, 0.0005, 0.9995, 0.9999995, 0.0000005, 0.9999994)
+    ]
+    epochs += [1735689600.25, 0.0, 1e-7, 999999999.9999999]
+    for epoch in epochs:
+        expected = datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+        assert iso_utc(epoch) == expected.replace("+00:00", "Z"), epoch
+
+
+def test_decimal_text_is_plain_notation() -> None:
+    import random
+
+    from sidecar.ledger import decimal_text
+
+    rng = random.Random(3)
+    values = [Decimal(f"{rng.randrange(10**12)}E{rng.randrange(-30, 8)}") for _ in range(5000)]
+    values += [-v for v in values[:500]]
+    values += [
+        Decimal(t) for t in ("0", "-0", "0E-10", "-0.00", "1E+2", "1E-7", "123.4500", "NaN", "Infinity")
+    ]
+    values += [Decimal(1) / Decimal(3), Decimal("0.000123456789")]
+    for value in values:
+        assert decimal_text(value) == format(value, "f"), value
+        assert "E" not in decimal_text(value)
+
+
+def test_to_values_is_the_row_in_column_order() -> None:
+    from sidecar.ledger._schema import row_values, to_values
+
+    for record in (
+        BASE,
+        rec(1, usage=Usage(), estimated=Usage(input=7, output=5), cost_usd=None, ttft_s=None),
+        rec(2, status=502, error_type="upstream_5xx", route="chat", variant="candidate", stream=False),
+    ):
+        values = to_values(record, "c")
+        assert len(values) == len(COLUMNS)
+        assert values == row_values(to_row(record, "c"))
+        assert dict(zip(COLUMNS, values, strict=True)) == to_row(record, "c")
+
+
+def _reference(rows: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[str, str]]]:
+    """What the store must end up with, computed the slow, obvious way: every value checked
+    with row_problem, the others inserted one by one binding every value (None too)."""
+    from sidecar.ledger._schema import DDL, INSERT, row_problem, row_values
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for statement in DDL:
+        conn.execute(statement)
+    rejected: list[tuple[str, str]] = []
+    for row in rows:
+        problem = row_problem(row)
+        if problem is None:
+            conn.execute(INSERT, row_values(row))
+        else:
+            rejected.append((str(row["call_id"]), problem))
+    return _typed_rows(conn), rejected
+
+
+def _typed_rows(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """Every stored row in id order, each value with its SQLite storage class."""
+    columns = ", ".join(f"typeof({c}), {c}" for c in ("id", *COLUMNS))
+    return conn.execute(f"SELECT {columns} FROM calls ORDER BY id").fetchall()
+
+
+def _bad_rows(good: dict[str, Any]) -> list[dict[str, Any]]:
+    """A row for each way a value can be refused (or merely unusual), in several columns."""
+    out: list[dict[str, Any]] = []
+    cases: list[tuple[str, object]] = [
+        ("input_tokens", 2**63),  # past 64 bits: left to binding on the fast path
+        ("estimated_tokens", -(2**63) - 1),
+        ("cache_write_1h_tokens", 2**63 - 1),  # fits: stored
+        ("status", -(2**63)),  # fits: stored
+        ("tenant", "acme-\ud800"),  # not UTF-8: left to binding on the fast path
+        ("trace_id", "\udcff"),
+        ("model", "gpt-4o-é"),  # fine, not ASCII
+        ("epoch", float("nan")),
+        ("duration_s", float("inf")),
+        ("ttft_s", float("-inf")),
+        ("ttft_s", 0.0),
+        ("epoch", 1735689600),  # an int epoch is fine (not the fast path)
+        ("duration_s", 2**70),  # an int past 64 bits in a REAL column
+        ("status", None),  # a required value missing
+        ("request_id", None),
+        ("stream", True),  # a bool is not an integer
+        ("status", 200.0),
+        ("tenant", 7),
+        ("tenant", ["acme"]),
+        ("cost_usd", {"usd": 1}),
+        ("service_tier", type("Tier", (str,), {})("scale")),  # a str subclass is text
+        ("route", None),
+        ("variant", "primary"),
+    ]
+    for n, (column, value) in enumerate(cases):
+        out.append({**good, "call_id": f"bad-{n}-{column}", column: value})
+    return out
+
+
+def test_store_fast_path_stores_and_refuses_exactly_what_the_checks_say(tmp_path: Path) -> None:
+    from sidecar.ledger._store import Store
+
+    records = [
+        rec(0),
+        rec(1, usage=Usage(), estimated=Usage(input=7, output=5), cost_usd=None, ttft_s=None),
+        rec(2, status=502, error_type="upstream_5xx", route="chat", variant="candidate", stream=False),
+        rec(3, trace_id=None, span_id=None, service_tier=None, price_model=None, request_model=None),
+    ]
+    good = [to_row(r, f"good-{i}") for i, r in enumerate(records)]
+    bad = _bad_rows(good[0])
+    # Rows of different shapes interleaved (NULL in different columns), bad ones among them,
+    # and a call_id given twice (the second is skipped, as on a replay).
+    batch = [good[i % len(good)] | {"call_id": f"g{i}"} for i in range(40)]
+    for n, row in enumerate(bad):
+        batch.insert(1 + n, row)
+    batch.append(batch[0])
+    store = Store(tmp_path / "ledger.sqlite3")
+    try:
+        expected_rows, expected_rejected = _reference(batch)
+        assert len(expected_rejected) > 10 and len(expected_rows) > 40  # the cases do both
+        done = store.insert(batch)
+        assert [tuple(r) for r in done.rejected] == expected_rejected
+        assert done.new == len(expected_rows)
+        assert _typed_rows(store.conn) == expected_rows
+        # One bad row alone in an otherwise clean batch, each kind in turn: the rest is stored.
+        for n, row in enumerate(bad):
+            chunk = [
+                good[1] | {"call_id": f"a{n}"},
+                row | {"call_id": f"b{n}"},
+                good[2] | {"call_id": f"c{n}"},
+            ]
+            _, reference_rejected = _reference(chunk)
+            done = store.insert(chunk)
+            assert [tuple(r) for r in done.rejected] == reference_rejected, row
+            assert done.new == 3 - len(reference_rejected)
+    finally:
+        store.close()
+
+
+def test_store_with_more_row_shapes_than_statements_kept(tmp_path: Path) -> None:
+    from sidecar.ledger._schema import _STATEMENTS_KEPT, _TYPES
+    from sidecar.ledger._store import Store
+
+    nullable = [c for c in COLUMNS if "NOT NULL" not in _TYPES.get(c, "")]
+    full = to_row(rec(0, route="chat", variant="primary", error_type="x", usage=Usage(1, 2, 3, 4, 5, 6)), "x")
+    assert all(full[c] is not None for c in COLUMNS)
+    batch = []
+    for n in range(3 * _STATEMENTS_KEPT):  # a NULL in one or two columns: a new shape each time
+        row = {**full, "call_id": f"s{n}", nullable[n % len(nullable)]: None}
+        if n >= len(nullable):
+            row[nullable[(n * 7) % len(nullable)]] = None
+        batch.append(row)
+    store = Store(tmp_path / "ledger.sqlite3")
+    try:
+        assert store.insert(batch) == (len(batch), ())
+        assert _typed_rows(store.conn) == _reference(batch)[0]
+    finally:
+        store.close()
+
+
+def test_insert_for_writes_the_nulls_into_the_statement() -> None:
+    from sidecar.ledger._schema import INSERT, insert_for, row_values, values_problem
+
+    values = row_values(to_row(BASE, "c"))
+    found = insert_for(values)
+    assert found is not None
+    statement, params = found
+    assert statement != INSERT and statement.count("NULL") == values.count(None) + statement.count("NOT NULL")
+    assert params == tuple(v for v in values if v is not None)
+    # Not the fast path: a row the quick screen cannot vouch for goes to the full check.
+    for column, value in (
+        ("epoch", 1735689600),
+        ("status", True),
+        ("ttft_s", float("nan")),
+        ("tenant", None),
+    ):
+        odd = row_values({**to_row(BASE, "c"), column: value})
+        assert insert_for(odd) is None, column
+    assert values_problem(row_values({**to_row(BASE, "c"), "epoch": 1735689600})) is None

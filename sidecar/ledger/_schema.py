@@ -20,10 +20,11 @@ Pure module: standard library only.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from operator import itemgetter
+from operator import attrgetter, itemgetter
+from typing import NamedTuple
 
 from sidecar.model import CallRecord, Usage
 
@@ -33,16 +34,23 @@ __all__ = [
     "SCHEMA_VERSION",
     "TOKEN_COLUMNS",
     "Row",
+    "Values",
     "decimal_text",
+    "insert_for",
     "iso_utc",
     "row_problem",
     "row_to_record",
     "row_values",
     "to_row",
+    "to_values",
+    "values_problem",
 ]
 
 #: A ledger row: column name → value (str, int, float or None).
 Row = dict[str, object]
+
+#: A ledger row as :data:`INSERT` binds it: the values in :data:`COLUMNS` order.
+Values = tuple[object, ...]
 
 #: Bumped when the table changes; a ledger written by a newer sidecar is refused.
 SCHEMA_VERSION = 2
@@ -132,13 +140,11 @@ DDL: tuple[str, ...] = (
     "CREATE INDEX IF NOT EXISTS calls_request_id ON calls (request_id)",
 )
 
-#: Inserts one row given as :func:`row_values` (positional: binding 34 values by name
+#: Inserts one row given as :func:`row_values` (positional: binding every value by name
 #: costs SQLite's binding more than the insert itself); a ``call_id`` already stored is
 #: skipped (replay), any other violation raises.
-INSERT = (
-    f"INSERT INTO calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
-    " ON CONFLICT (call_id) DO NOTHING"
-)
+_PARAMETERS = f"VALUES ({', '.join('?' for _ in COLUMNS)})"
+INSERT = f"INSERT INTO calls ({', '.join(COLUMNS)}) {_PARAMETERS} ON CONFLICT (call_id) DO NOTHING"
 
 # Column → (storage class, whether NULL is refused), from the DDL above.
 _KINDS: dict[str, tuple[str, bool]] = {
@@ -150,10 +156,10 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _values = itemgetter(*COLUMNS)
 
 
-def row_values(row: Mapping[str, object]) -> tuple[object, ...]:
+def row_values(row: Mapping[str, object]) -> Values:
     """The row's values in :data:`COLUMNS` order, for :data:`INSERT` (a missing column is NULL)."""
     try:
-        values: tuple[object, ...] = _values(row)
+        values: Values = _values(row)
     except KeyError:
         return tuple(row.get(column) for column in COLUMNS)
     return values
@@ -178,9 +184,12 @@ def row_problem(row: Mapping[str, object]) -> str | None:
     UTF-8. The message names the column, never the value (rows are not secret, but a
     log line should stay short).
     """
-    get = row.get
-    for column, kind, required in _CHECKS:
-        value = get(column)
+    return values_problem(row_values(row))
+
+
+def values_problem(values: Values) -> str | None:
+    """:func:`row_problem` of a row given as its :func:`row_values`."""
+    for (column, kind, required), value in zip(_CHECKS, values, strict=True):
         if value is None:
             if required:
                 return f"{column} is missing"
@@ -220,9 +229,74 @@ def _value_problem(column: str, kind: str, value: object) -> str | None:
     return None
 
 
+# The quick screen of insert_for: per column, the storage class's exact Python type, and None
+# where the column takes NULL. A row's types (a tuple of 36) are looked up in a memo: the rows
+# of a sidecar come in a handful of shapes (which columns are NULL), each with its statement.
+_EXACT: dict[str, type] = {"TEXT": str, "INTEGER": int, "REAL": float}
+_FITS: tuple[frozenset[type], ...] = tuple(
+    frozenset((_EXACT[kind],) if required else (_EXACT[kind], type(None))) for _, kind, required in _CHECKS
+)
+_REALS = itemgetter(*(i for i, (_, kind, _) in enumerate(_CHECKS) if kind == "REAL"))  # 3: a tuple
+_isfinite = math.isfinite
+_SHAPES_KEPT = 1024  # a bound on the memo, in case a journal holds rows of every shape JSON allows
+_STATEMENTS_KEPT = 32  # shapes with a statement of their own (sqlite3 caches 128 per connection)
+
+
+class _Plan(NamedTuple):
+    statement: str
+    params: Callable[[Values], Values]
+
+
+_PLANS: dict[tuple[type, ...], _Plan | None] = {}
+_statements = 0
+
+
+def _plan(types: tuple[type, ...]) -> _Plan | None:
+    """How rows of these types are inserted, or None if they need :func:`values_problem`."""
+    global _statements
+    if len(types) != len(_FITS) or not all(t in fits for t, fits in zip(types, _FITS, strict=True)):
+        return None
+    present = [i for i, t in enumerate(types) if t is not type(None)]  # the required ones at least
+    if len(present) == len(types) or _statements >= _STATEMENTS_KEPT:
+        return _Plan(INSERT, tuple)  # tuple() of a tuple is that tuple
+    _statements += 1
+    values = ", ".join("?" if t is not type(None) else "NULL" for t in types)
+    return _Plan(INSERT.replace(_PARAMETERS, f"VALUES ({values})"), itemgetter(*present))
+
+
+def insert_for(values: Values) -> tuple[str, Values] | None:
+    """The statement and parameters that insert a row given as :func:`row_values`, when a
+    quick screen passes it: every value of its column's exact type (``str``, ``int``,
+    ``float``), every required one present, every ``REAL`` finite; else None (check it with
+    :func:`values_problem`: an ``int`` epoch or a ``str`` subclass are fine).
+
+    The statement is :data:`INSERT` with a literal ``NULL`` for each missing value (the same
+    row, but Python's sqlite3 binds ``None`` through its adapter lookup, slower than the
+    insert itself), or :data:`INSERT` with every value.
+
+    Not the whole of :func:`values_problem`: a row that passes may still hold an integer
+    past 64 bits or text that is not UTF-8. Only use it where something catches those:
+    executing the statement does (binding raises ``OverflowError`` or
+    ``UnicodeEncodeError``), and :meth:`~sidecar.ledger._store.Store.insert` then checks
+    the whole batch with :func:`values_problem`.
+    """
+    types = tuple(map(type, values))
+    try:
+        plan = _PLANS[types]
+    except KeyError:
+        plan = _plan(types)
+        if len(_PLANS) < _SHAPES_KEPT:
+            _PLANS[types] = plan
+    # filter(None, ...) drops None and 0.0 (both fine); NaN and infinities are truthy.
+    if plan is None or not all(map(_isfinite, filter(None, _REALS(values)))):
+        return None
+    return plan.statement, plan.params(values)
+
+
 # The last second formatted by iso_utc, and its text: calls arrive in time order, so
 # one entry makes nearly every call a cache hit (one tuple, replaced whole: thread-safe).
 _last_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+_MILLIS: tuple[str, ...] = tuple(f".{ms:03d}Z" for ms in range(1000))  # cheaper than formatting
 
 
 def iso_utc(epoch: float) -> str:
@@ -246,33 +320,39 @@ def iso_utc(epoch: float) -> str:
     if cached != second:
         text = datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds").removesuffix("+00:00")
         _last_second = (second, text)
-    return f"{text}.{micros // 1000:03d}Z"
+    return text + _MILLIS[micros // 1000]
 
 
 def decimal_text(value: Decimal) -> str:
     """A decimal in plain notation, never scientific (``1E-7`` → ``0.0000001``)."""
+    if type(value) is Decimal:
+        # str() is format(value, "f") whenever it has no exponent, and a few times cheaper.
+        text = str(value)
+        if "E" not in text:
+            return text
     return format(value, "f")
 
 
-def to_row(record: CallRecord, call_id: str) -> Row:
-    """The ledger row of one call (pure), its keys in :data:`COLUMNS` order."""
+_token_counts = attrgetter(*TOKEN_COLUMNS)  # a Usage's counts in TOKEN_COLUMNS order
+
+
+def to_values(record: CallRecord, call_id: str) -> Values:
+    """The ledger row of one call (pure) as :data:`INSERT` binds it: values in :data:`COLUMNS` order."""
     usage = record.usage
-    estimated = record.estimated
     # Each token type: the reported count, else the estimate (CallRecord.token_counts()).
     tokens: list[object] = []
     estimated_tokens = 0
-    for token_type in TOKEN_COLUMNS:
-        count = getattr(usage, token_type)
+    for token_type, count, estimate in zip(
+        TOKEN_COLUMNS, _token_counts(usage), _token_counts(record.estimated), strict=True
+    ):
         if count is not None:
             tokens += (count, "reported")
-            continue
-        count = getattr(estimated, token_type)
-        if count is None:
+        elif estimate is None:
             tokens += (None, None)
-            continue
-        tokens += (count, "estimated")
-        if token_type == "input" or token_type == "output":
-            estimated_tokens += count
+        else:
+            tokens += (estimate, "estimated")
+            if token_type == "input" or token_type == "output":
+                estimated_tokens += estimate
     (
         input_,
         input_source,
@@ -286,44 +366,50 @@ def to_row(record: CallRecord, call_id: str) -> Row:
         reasoning_source,
     ) = tokens
     cost = record.cost_usd
-    return {
-        "call_id": call_id,
-        "time": iso_utc(record.started_at),
-        "epoch": record.started_at,
-        "request_id": record.request_id,
-        "trace_id": record.trace_id,
-        "span_id": record.span_id,
-        "tenant": record.tenant,
-        "upstream": record.upstream,
-        "provider": record.provider,
-        "operation": record.operation,
-        "model": record.model,
-        "request_model": record.request_model,
-        "response_model": record.response_model,
-        "stream": 1 if record.stream else 0,
-        "status": record.status,
-        "error_type": record.error_type,
-        "input_tokens": input_,
-        "input_tokens_source": input_source,
-        "cached_input_tokens": cached,
-        "cached_input_tokens_source": cached_source,
-        "cache_write_tokens": write,
-        "cache_write_tokens_source": write_source,
-        "cache_write_1h_tokens": usage.cache_write_1h,
-        "output_tokens": output,
-        "output_tokens_source": output_source,
-        "reasoning_tokens": reasoning,
-        "reasoning_tokens_source": reasoning_source,
-        "estimated_tokens": estimated_tokens,
-        "cost_usd": decimal_text(cost) if cost is not None else None,
-        "price_model": record.price_model,
-        "price_version": record.price_version,
-        "service_tier": record.service_tier,
-        "duration_s": record.duration_s,
-        "ttft_s": record.ttft_s,
-        "route": record.route or None,
-        "variant": record.variant or None,
-    }
+    started = record.started_at
+    return (
+        call_id,
+        iso_utc(started),
+        started,
+        record.request_id,
+        record.trace_id,
+        record.span_id,
+        record.tenant,
+        record.upstream,
+        record.provider,
+        record.operation,
+        record.model,
+        record.request_model,
+        record.response_model,
+        1 if record.stream else 0,
+        record.status,
+        record.error_type,
+        input_,
+        input_source,
+        cached,
+        cached_source,
+        write,
+        write_source,
+        usage.cache_write_1h,
+        output,
+        output_source,
+        reasoning,
+        reasoning_source,
+        estimated_tokens,
+        decimal_text(cost) if cost is not None else None,
+        record.price_model,
+        record.price_version,
+        record.service_tier,
+        record.duration_s,
+        record.ttft_s,
+        record.route or None,
+        record.variant or None,
+    )
+
+
+def to_row(record: CallRecord, call_id: str) -> Row:
+    """The ledger row of one call (pure), its keys in :data:`COLUMNS` order."""
+    return dict(zip(COLUMNS, to_values(record, call_id)))  # noqa: B905 - to_values has every column
 
 
 def _int(value: object) -> int | None:

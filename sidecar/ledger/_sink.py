@@ -67,7 +67,7 @@ from prometheus_client.registry import Collector
 from sidecar.errors import SidecarError
 from sidecar.ledger._journal import Journal, journal_line
 from sidecar.ledger._query import Totals, connect_readonly, read_rows, totals
-from sidecar.ledger._schema import Row, row_problem, row_to_record, to_row
+from sidecar.ledger._schema import Row, Values, row_problem, row_to_record, to_row, to_values
 from sidecar.ledger._settings import LedgerSettings
 from sidecar.ledger._store import Rejected, Store
 from sidecar.model import CallRecord
@@ -589,15 +589,15 @@ class Ledger:
         if store is None:
             self._spill(batch)
             return None
-        rows: list[Row] = []
+        rows: list[Values] = []
         rejected: list[Rejected] = []
         for call_id, record in batch:
             try:
-                rows.append(to_row(record, call_id))
-            except Exception as exc:  # to_row is pure: a record it cannot map (an absurd time)
+                rows.append(to_values(record, call_id))
+            except Exception as exc:  # to_values is pure: a record it cannot map (an absurd time)
                 rejected.append(Rejected(call_id, f"no row for the record ({type(exc).__name__}: {exc})"))
         try:
-            inserted = store.insert(rows)
+            inserted = store.insert_values(rows)
         except (sqlite3.Error, OSError) as exc:
             with self._lock:
                 self.write_errors += 1

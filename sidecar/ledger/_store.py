@@ -5,6 +5,16 @@ constraint it still breaks) is left out of its batch and reported back with the
 reason; the other rows of the batch are stored. Only a failure of the database
 itself (cannot open, disk full, I/O error) fails a whole :meth:`Store.insert`.
 
+Checking every value of every row in Python cost more than SQLite's own work, so a
+batch is first screened with :func:`~sidecar.ledger._schema.insert_for` (types,
+missing values, finite numbers: a memo lookup per row, which also picks a statement
+with the row's NULLs written in, cheaper than binding ``None``) and inserted in order,
+one ``executemany`` per run of rows of the same statement. The two problems the screen
+leaves out, an integer past 64 bits and text that is not UTF-8, make SQLite's binding
+raise; then the transaction is rolled back and the batch checked value by value
+(:func:`~sidecar.ledger._schema.values_problem`) and inserted again: the rows stored
+and the reasons given are the same either way.
+
 Used from the ledger's writer thread only (one connection, one thread); readers
 (``cost report``, :func:`sidecar.ledger.totals`) open their own read-only
 connections, which WAL lets run alongside the writer.
@@ -15,12 +25,24 @@ Blocking I/O: never call from the event loop.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 from collections.abc import Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
 
-from sidecar.ledger._schema import DDL, INSERT, MIGRATIONS, SCHEMA_VERSION, Row, row_problem, row_values
+from sidecar.ledger._schema import (
+    DDL,
+    INSERT,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    Row,
+    Values,
+    insert_for,
+    row_values,
+    values_problem,
+)
 
 __all__ = ["Inserted", "LedgerSchemaError", "Rejected", "Store"]
 
@@ -48,9 +70,31 @@ class Inserted(NamedTuple):
     rejected: tuple[Rejected, ...] = ()
 
 
-def _call_id(row: Row) -> str:
-    call_id = row.get("call_id")
+def _call_id(values: Values) -> str:
+    call_id = values[0]  # COLUMNS[0]
     return call_id if isinstance(call_id, str) else "?"
+
+
+_Statement = tuple[str, Values]  # an INSERT and its parameters
+
+
+def _screen(rows: Sequence[Values], exact: bool) -> tuple[list[_Statement], list[Rejected]]:
+    """The statements inserting the rows, and the rows refused; ``exact``: check every value,
+    else only the rows :func:`insert_for` does not pass (what it leaves out, binding raises on)."""
+    good: list[_Statement] = []
+    rejected: list[Rejected] = []
+    for values in rows:
+        if not exact:
+            statement = insert_for(values)
+            if statement is not None:
+                good.append(statement)
+                continue
+        problem = values_problem(values)
+        if problem is None:
+            good.append((INSERT, values))
+        else:
+            rejected.append(Rejected(_call_id(values), problem))
+    return good, rejected
 
 
 class LedgerSchemaError(sqlite3.DatabaseError):
@@ -94,31 +138,42 @@ class Store:
         Raises ``sqlite3.Error`` or ``OSError`` only when the database itself fails; then
         nothing of the batch is stored.
         """
-        good: list[Row] = []
-        rejected: list[Rejected] = []
-        for row in rows:
-            problem = row_problem(row)
-            if problem is None:
-                good.append(row)
-            else:
-                rejected.append(Rejected(_call_id(row), problem))
+        return self.insert_values([row_values(row) for row in rows])
+
+    def insert_values(self, rows: Sequence[Values]) -> Inserted:
+        """:meth:`insert` of rows given as :func:`~sidecar.ledger._schema.row_values` (or
+        :func:`~sidecar.ledger._schema.to_values`), in the same order."""
+        good, rejected = _screen(rows, exact=False)
         if not good:
             return Inserted(0, tuple(rejected))
+        try:
+            return self._insert_all(good, rejected)
+        except _ROW_ERRORS:
+            pass  # a value the screen leaves to binding: check every value, then insert again
+        good, rejected = _screen(rows, exact=True)
+        if not good:
+            return Inserted(0, tuple(rejected))
+        try:
+            return self._insert_all(good, rejected)
+        except _ROW_ERRORS:
+            # Something the checks did not foresee: find the row, one statement at a time.
+            return self._insert_each(good, rejected)
+
+    def _insert_all(self, statements: Sequence[_Statement], rejected: list[Rejected]) -> Inserted:
+        """The statements in order in one transaction, an ``executemany`` per run of the same
+        statement; rolled back on any error, which is raised."""
         before = self.conn.total_changes
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(INSERT, [row_values(row) for row in good])
+            for statement, run in itertools.groupby(statements, itemgetter(0)):
+                self.conn.executemany(statement, [params for _, params in run])
             self.conn.execute("COMMIT")
-        except _ROW_ERRORS:
-            # Something the checks did not foresee: find the row, one statement at a time.
-            self._rollback()
-            return self._insert_each(good, rejected)
         except BaseException:
             self._rollback()
             raise
         return Inserted(self.conn.total_changes - before, tuple(rejected))
 
-    def _insert_each(self, rows: Sequence[Row], rejected: list[Rejected]) -> Inserted:
+    def _insert_each(self, statements: Sequence[_Statement], rejected: list[Rejected]) -> Inserted:
         """The slow path: a statement per row in one transaction, refused rows left out.
 
         A failed statement is undone on its own; the transaction goes on.
@@ -126,11 +181,11 @@ class Store:
         before = self.conn.total_changes
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            for row in rows:
+            for statement, values in statements:
                 try:
-                    self.conn.execute(INSERT, row_values(row))
+                    self.conn.execute(statement, values)
                 except _ROW_ERRORS as exc:
-                    rejected.append(Rejected(_call_id(row), f"{type(exc).__name__}: {exc}"))
+                    rejected.append(Rejected(_call_id(values), f"{type(exc).__name__}: {exc}"))
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
