@@ -868,3 +868,37 @@ def test_parse_request_reads_the_output_cap(body: bytes, cap: int | None) -> Non
     """The token rate limits charge max_tokens up front: the shape's one parse reads it."""
     for shape in SHAPES.values():
         assert shape.parse_request(body).max_tokens == cap, shape
+
+
+@pytest.mark.parametrize(
+    "stem", ["openai_chat_stream_include_usage", "anthropic_messages_stream_text_cache_read"]
+)
+def test_a_stream_arriving_whole_is_looked_at_only_where_it_matters(
+    stem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy sidecar reads a whole stream at once: its content deltas after the first are
+    kept as one run, neither cut into events nor looked at one by one, as they are when
+    they trickle in one per chunk; the result is the same."""
+    from sidecar.sse import Event
+
+    body = read(f"{stem}.sse")
+    decoder = SSEDecoder()
+    events = decoder.feed(body) + decoder.flush()
+    shape = shape_of(stem)
+    kind = type(shape.stream_observer(False))
+    seen: list[bytes] = []
+    original = kind._observe
+
+    def counting(self: object, event: Event, final: bool) -> bool:
+        seen.append(event.raw)
+        return original(self, event, final)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kind, "_observe", counting)
+    whole, _ = observe(shape, [body])
+    check(stem, whole)
+    seen_whole = list(seen)
+    seen.clear()
+    assert observe(shape, [e.raw for e in events])[0] == whole
+    assert seen == seen_whole  # the same events looked at, however the stream arrives
+    assert len(events) >= 10, "the fixture needs several content deltas to show anything"
+    assert len(seen_whole) < len(events) // 2  # looked at one by one, all of them would be

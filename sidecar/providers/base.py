@@ -126,7 +126,9 @@ class StreamObserver:
     parses the JSON of the events that can carry usage, a finish reason, the model or
     the first content, and of any event it cannot classify from its raw bytes; once
     content was seen, a content event that is one well-formed ``data:`` line with
-    nothing else of interest (checked with a few byte searches) is not parsed at all.
+    nothing else of interest (checked with a few byte searches) is not parsed at all,
+    and a chunk that brings many events at once (a whole stream, when the sidecar is
+    busy) has its runs of such events kept whole, without being cut into events.
     The generated text is not extracted on the way either: content events are kept
     (:meth:`_keep`, up to :data:`MAX_KEPT_BYTES` per stream, their text extracted as
     they arrive past that) and :meth:`_text_of` runs over them when
@@ -164,15 +166,93 @@ class StreamObserver:
             return b"" if self.strip_usage_chunk else data
         if not self.strip_usage_chunk:
             if self.saw_content and self._plain_run(data):
-                self._keep(data)
-                return data
-            observe = self._observe
-            for event in self._decoder.feed(data):
-                observe(event, False)
+                self._keep(data)  # the usual chunk of a stream that trickles in: one content event
+            elif data.find(b"\n\n") < len(data) - 2:
+                self._watch(data)  # several events (or part of one)
+            else:
+                observe = self._observe
+                for event in self._decoder.feed(data):
+                    observe(event, False)
             return data
         events = self._decoder.feed(data)
         observe = self._observe
         return b"".join([event.raw for event in events if observe(event, False)])
+
+    def _watch(self, data: bytes) -> None:
+        """Observe the next bytes of a stream forwarded as it is.
+
+        From an event boundary, and with no CR about, events end at ``\n\n``: they are
+        taken one at a time (each through the decoder's one-event fast path) until the
+        first content, and from then on a run of plain content events
+        (:meth:`_plain_events`) is kept whole, neither cut into events nor parsed, with
+        the events between runs taken one at a time. A chunk that arrives with many
+        events (a whole stream, when the sidecar is busy) is thus parsed only where it
+        matters. Anything else goes to the decoder as it is.
+        """
+        decoder = self._decoder
+        observe = self._observe
+        size = len(data)
+        pos = 0
+        if decoder.idle() and _CR not in data:
+            stop = -1  # where the next event worth parsing may start (-1: not looked for yet)
+            while pos < size:
+                if self.saw_content and self.plain_prefix is not None:
+                    if stop < pos:
+                        stop = self._worth_parsing(data, pos)
+                    end = self._plain_events(data, pos, stop)
+                    if end > pos:
+                        self._keep(data if end - pos == size else data[pos:end])
+                        pos = end
+                        continue
+                if data[pos] == _LF:
+                    break  # blank lines before an event: the decoder's business
+                end = data.find(b"\n\n", pos)
+                if end < 0:
+                    break
+                end += 2
+                for event in decoder.feed(data if end - pos == size else data[pos:end]):
+                    observe(event, False)
+                pos = end
+        if pos < size:
+            for event in decoder.feed(data[pos:] if pos else data):
+                observe(event, False)
+
+    def _worth_parsing(self, data: bytes, start: int) -> int:
+        """Where, from ``start``, the first key :attr:`needs_parse` finds, or the first JSON
+        escape that could hide one, begins; ``len(data)`` when there is none."""
+        pattern = self.needs_parse
+        if pattern is None:
+            return start  # nothing tells plain events apart: parse them all
+        found = pattern.search(data, start)
+        stop = found.start() if found is not None else len(data)
+        if _BACKSLASH in data:
+            escape = _ASCII_ESCAPE.search(data, start, stop)
+            if escape is not None:
+                stop = escape.start()
+        return stop
+
+    def _plain_events(self, data: bytes, pos: int, stop: int) -> int:
+        """The end of the run of plain content events that starts at ``pos`` (``pos``: none).
+
+        A plain event is :attr:`plain_prefix`, the rest of one JSON object on that line,
+        and the blank line (``plain_data_event``): ``data`` holds no CR, each event ends
+        at the first ``\n\n`` after its start, with ``}`` before it and no other line
+        break but the prefix's own. Only events that end by ``stop`` (see
+        :meth:`_worth_parsing`) are taken: they are the events the subclass's
+        :meth:`_observe` would each keep unparsed.
+        """
+        prefix = self.plain_prefix
+        assert prefix is not None
+        lines = prefix.count(b"\n") + 2
+        startswith = data.startswith
+        find = data.find
+        count = data.count
+        while startswith(prefix, pos):
+            end = find(b"\n\n", pos) + 2
+            if end < 2 or end > stop or data[end - 3] != _CLOSE_BRACE or count(b"\n", pos, end) != lines:
+                break
+            pos = end
+        return pos
 
     def close(self) -> bytes:
         """End of stream: decode what is left; in strip mode return the held bytes.
@@ -342,6 +422,8 @@ def plain_data_event(raw: bytes, offset: int = 0) -> bool:
 
 
 _CR = 0x0D
+_LF = 0x0A
+_CLOSE_BRACE = 0x7D
 _BACKSLASH = 0x5C
 # A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
