@@ -52,7 +52,7 @@ from yaml.nodes import Node
 
 from sidecar.ledger import iso_utc
 from sidecar.model import TOKEN_TYPES, CallRecord
-from sidecar.sinks import QueueSink
+from sidecar.sinks import QueueSink, in_slices
 from sidecar.threads import background
 from sidecar.yamlspec import Reader, join
 
@@ -355,8 +355,14 @@ class CallLogSink(QueueSink):
         millisecond the worker would hand over nearly every line on its own, so after a
         batch well under the limit it waits :data:`LINGER` seconds and the next batch
         takes what came meanwhile; at high rates batches are full and it never waits.
+        Lines are formatted on the loop a slice at a time (:func:`~sidecar.sinks.in_slices`),
+        so a lingered batch of a few hundred never holds the calls in flight.
         """
-        text = "\n".join(map(to_log_line, records)) + "\n"
+        lines: list[str] = []
+        async for part in in_slices(records):
+            lines.extend(map(to_log_line, part))
+        lines.append("")
+        text = "\n".join(lines)
         assert self._executor is not None, "start() first"
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._write, text, len(records))

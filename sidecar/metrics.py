@@ -26,7 +26,7 @@ from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
 from sidecar.model import TOKEN_TYPES, CallRecord
-from sidecar.sinks import QueueSink
+from sidecar.sinks import QueueSink, in_slices
 from sidecar.tenants import TenantCap
 
 #: Latency buckets for LLM calls: tens of milliseconds to ten minutes.
@@ -394,8 +394,10 @@ class MetricsSink(QueueSink):
         self.metrics = metrics
 
     async def handle(self, records: list[CallRecord]) -> None:
-        for record in records:
-            self.metrics.observe(record)
+        observe = self.metrics.observe
+        async for part in in_slices(records):
+            for record in part:
+                observe(record)
 
 
 def iter_samples(registry: CollectorRegistry, name: str) -> Iterator[tuple[dict[str, str], float]]:

@@ -587,3 +587,24 @@ async def test_an_otlp_endpoint_with_a_secret_in_it_is_never_logged(
     async with running_sidecar(cfg):
         pass
     assert "s3cret" not in caplog.text
+
+
+async def test_a_large_batch_is_handled_in_slices_that_let_the_loop_serve_calls() -> None:
+    """The loop runs other work between two slices of a batch (metrics, call-log lines)."""
+    from sidecar.sinks import SLICE, in_slices
+
+    order: list[object] = []
+
+    async def other() -> None:
+        for _ in range(3):
+            order.append("other")
+            await asyncio.sleep(0)
+
+    async def consume() -> None:
+        async for part in in_slices([None] * (2 * SLICE + 1)):  # type: ignore[list-item]
+            order.append(len(part))
+
+    await asyncio.gather(consume(), other())
+    assert [x for x in order if x != "other"] == [SLICE, SLICE, 1]
+    assert order.index("other") < order.index(1)  # something else ran before the last slice
+    assert order[0] == SLICE and order[1] == "other"  # ... and right after the first
