@@ -152,6 +152,11 @@ def unsafe_path(raw_path: str) -> bool:
     """
     if not raw_path.startswith("/"):
         return True
+    if "%" not in raw_path:  # the usual target: nothing to decode
+        if "\x00" in raw_path or "\\" in raw_path:
+            return True
+        # A dot segment follows a "/": without "/." there is none.
+        return "/." in raw_path and any(segment in (".", "..") for segment in raw_path.split("/"))
     decoded = raw_path
     for _ in range(3):
         decoded = unquote(decoded)

@@ -694,3 +694,67 @@ PROPERTIES: dict[str, Callable[[], None]] = {
     "rule parsing": test_rule_parsing_never_crashes_and_every_problem_is_located,
     "pricing parsing": test_pricing_parsing_never_crashes_and_every_problem_is_located,
 }
+
+
+# -- unsafe request targets -------------------------------------------------------------------------
+
+
+def unsafe_path_reference(raw_path: str) -> bool:
+    """sidecar.proxy.unsafe_path as first written: decode three times, then look."""
+    from urllib.parse import unquote
+
+    if not raw_path.startswith("/"):
+        return True
+    decoded = raw_path
+    for _ in range(3):
+        decoded = unquote(decoded)
+    if unquote(decoded) != decoded:
+        return True
+    if "\x00" in decoded or "\\" in decoded:
+        return True
+    return any(segment in (".", "..") for segment in decoded.split("/"))
+
+
+UNSAFE_PATH_CASES = [
+    "/",
+    "/.",
+    "/..",
+    "/./v1",
+    "/v1/.",
+    "/v1/..",
+    "/v1/../x",
+    "/v1/./x",
+    "/v1/.x",
+    "/v1/x.",
+    "/.well-known",
+    "/v1/...",
+    "//",
+    "/v1//..",
+    "/v1?x=/..",
+    "/v1?x=/.y",
+    "/%2e",
+    "/%2E%2E/x",
+    "/%252e%252e",
+    "/%25252e",
+    "/a%5cb",
+    "/a\\b",
+    "/a\x00b",
+    "*",
+    "",
+    "v1/chat",
+]
+
+
+@pytest.mark.parametrize("path", UNSAFE_PATH_CASES)
+def test_unsafe_path_cases(path: str) -> None:
+    from sidecar.proxy import unsafe_path
+
+    assert unsafe_path(path) is unsafe_path_reference(path)
+
+
+@given(path=st.text(alphabet="/.%2eE5cC0\\\x00av?", max_size=24) | st.text(max_size=24))
+def test_unsafe_path_fast_path_agrees_with_decoding_every_target(path: str) -> None:
+    from sidecar.proxy import unsafe_path
+
+    assert unsafe_path(path) is unsafe_path_reference(path)
+    assert unsafe_path("/" + path) is unsafe_path_reference("/" + path)
