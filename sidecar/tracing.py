@@ -65,8 +65,7 @@ from prometheus_client.registry import Collector
 from yaml.nodes import Node
 
 from sidecar import __version__, otlp_wire
-from sidecar.calllog import tokens_source
-from sidecar.model import CallRecord
+from sidecar.model import TOKEN_TYPES, CallRecord
 from sidecar.redact import RedactionSettings, Redactor, parse_redaction
 from sidecar.yamlspec import Reader, join
 
@@ -618,6 +617,8 @@ _USAGE_ATTRIBUTES: dict[str, str] = {
     "cache_write": "gen_ai.usage.cache_creation.input_tokens",
     "reasoning": "gen_ai.usage.reasoning.output_tokens",
 }
+#: ``sidecar.tokens.source`` by a mask of the sources seen (1: reported, 2: estimated).
+_TOKEN_SOURCES = ("", "reported", "estimated", "mixed")
 #: Failures with no HTTP response from the upstream (the status is the sidecar's own).
 _NO_UPSTREAM_RESPONSE = frozenset({"connect_error", "timeout", "client_abort", "proxy_error"})
 
@@ -654,8 +655,20 @@ def span_attributes(record: CallRecord) -> dict[str, AttributeValue]:
         attrs["gen_ai.response.id"] = record.response_id
     if record.finish_reasons:
         attrs["gen_ai.response.finish_reasons"] = list(record.finish_reasons)
-    for count in record.token_counts():
-        attrs[_USAGE_ATTRIBUTES[count.type]] = count.count
+    # Each token type with a count, reported where reported, else estimated (what
+    # CallRecord.token_counts gives, without building its objects), and where they came from.
+    usage, estimated = record.usage, record.estimated
+    sources = 0
+    for token_type in TOKEN_TYPES:
+        count = getattr(usage, token_type)
+        if count is not None:
+            sources |= 1
+        else:
+            count = getattr(estimated, token_type)
+            if count is None:
+                continue
+            sources |= 2
+        attrs[_USAGE_ATTRIBUTES[token_type]] = count
     if record.provider == "openai":
         api_type = _OPENAI_API_TYPES.get(record.operation)
         if api_type is not None:
@@ -680,9 +693,8 @@ def span_attributes(record: CallRecord) -> dict[str, AttributeValue]:
         attrs["sidecar.cost_usd"] = float(record.cost_usd)
     if record.price_version:
         attrs["sidecar.price_version"] = record.price_version
-    source = tokens_source(record)
-    if source is not None:
-        attrs["sidecar.tokens.source"] = source
+    if sources:
+        attrs["sidecar.tokens.source"] = _TOKEN_SOURCES[sources]
     if record.ttft_s is not None:
         attrs["sidecar.time_to_first_token_s"] = record.ttft_s
     attrs["sidecar.overhead_s"] = record.overhead_s

@@ -612,3 +612,27 @@ def _spans(draw: st.DrawFn) -> ReadableSpan:
 @given(st.lists(_spans(), max_size=4))
 def test_property_same_as_official(spans: list[ReadableSpan]) -> None:
     assert_same(spans)
+
+
+@pytest.mark.parametrize(
+    "usage, estimated",
+    [
+        (Usage(input=100, cached_input=40, output=20), Usage(reasoning=3)),
+        (Usage(), Usage(input=7, output=9)),
+        (Usage(input=0, output=0), Usage()),
+        (Usage(), Usage()),
+        (Usage(input=5), Usage(input=6, output=2)),
+    ],
+)
+def test_span_token_attributes_follow_the_records_counts(usage: Usage, estimated: Usage) -> None:
+    """Usage attributes and sidecar.tokens.source: what token_counts() and the call log say."""
+    from sidecar.calllog import tokens_source
+    from sidecar.tracing import _USAGE_ATTRIBUTES, span_attributes
+
+    rec = record(usage=usage, estimated=estimated)
+    attrs = span_attributes(rec)
+    expected = {_USAGE_ATTRIBUTES[c.type]: c.count for c in rec.token_counts()}
+    assert {k: v for k, v in attrs.items() if k.startswith("gen_ai.usage.")} == expected
+    assert attrs.get("sidecar.tokens.source") == tokens_source(rec)
+    keys = list(attrs)
+    assert [k for k in keys if k in expected] == list(expected)  # in the order of TOKEN_TYPES
