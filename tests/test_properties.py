@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from sidecar import config as config_mod
@@ -758,3 +758,67 @@ def test_unsafe_path_fast_path_agrees_with_decoding_every_target(path: str) -> N
 
     assert unsafe_path(path) is unsafe_path_reference(path)
     assert unsafe_path("/" + path) is unsafe_path_reference("/" + path)
+
+
+# -- a run of plain stream events, found at once -------------------------------------------------
+
+
+def plain_events_reference(prefix: bytes, data: bytes, pos: int, stop: int) -> int:
+    """The end of the run of plain events from ``pos``, one event at a time."""
+    lines = prefix.count(b"\n") + 2
+    while data.startswith(prefix, pos):
+        end = data.find(b"\n\n", pos) + 2
+        if end < 2 or end > stop or data[end - 3] != ord("}") or data.count(b"\n", pos, end) != lines:
+            break
+        pos = end
+    return pos
+
+
+EVENT_PIECES = [
+    b'data: {"a":"b"}\n\n',
+    b'data: {"a":"b"}\n\n\n',
+    b'data: {"a":\n"b"}\n\n',
+    b'data: {"a":"b"}\ndata: {"c":1}\n\n',
+    b'data: {"a":"b"]\n\n',
+    b"data: [DONE]\n\n",
+    b'event: content_block_delta\ndata: {"a":"b"}\n\n',
+    b'event: content_block_stop\ndata: {"a":"b"}\n\n',
+    b'event: content_block_delta\ndata: {"a":"b"}\nid: 1\n\n',
+    b": comment\n\n",
+    b'data: {"x"}',
+]
+
+
+@given(
+    pieces=st.lists(st.sampled_from(EVENT_PIECES), max_size=12),
+    anthropic=st.booleans(),
+    stop_back=st.integers(0, 40),
+)
+@example(
+    pieces=[EVENT_PIECES[0], EVENT_PIECES[2], EVENT_PIECES[0], EVENT_PIECES[0]], anthropic=False, stop_back=0
+)
+@example(
+    pieces=[EVENT_PIECES[0], EVENT_PIECES[3], EVENT_PIECES[0], EVENT_PIECES[0]], anthropic=False, stop_back=0
+)
+@example(
+    pieces=[EVENT_PIECES[0], EVENT_PIECES[4], EVENT_PIECES[0], EVENT_PIECES[0]], anthropic=False, stop_back=0
+)
+@example(
+    pieces=[EVENT_PIECES[6], EVENT_PIECES[7], EVENT_PIECES[6], EVENT_PIECES[6]], anthropic=True, stop_back=0
+)
+@example(
+    pieces=[EVENT_PIECES[6], EVENT_PIECES[8], EVENT_PIECES[6], EVENT_PIECES[6]], anthropic=True, stop_back=0
+)
+@example(pieces=[EVENT_PIECES[0]] * 4, anthropic=False, stop_back=25)  # stop inside the third event
+def test_a_run_of_plain_events_found_at_once_is_the_one_found_event_by_event(
+    pieces: list[bytes], anthropic: bool, stop_back: int
+) -> None:
+    from sidecar.providers import SHAPES
+
+    shape = SHAPES[("anthropic", "messages")] if anthropic else SHAPES[("openai", "chat")]
+    observer = shape.stream_observer(False)
+    prefix = observer.plain_prefix
+    assert prefix is not None
+    data = b"".join(pieces)
+    stop = max(0, len(data) - stop_back)
+    assert observer._plain_events(data, 0, stop) == plain_events_reference(prefix, data, 0, stop)

@@ -245,8 +245,24 @@ class StreamObserver:
         assert prefix is not None
         lines = prefix.count(b"\n") + 2
         startswith = data.startswith
+        if not startswith(prefix, pos):
+            return pos
         find = data.find
         count = data.count
+        # At once, the events up to the last one that opens before ``stop``: k of them when
+        # there are k blank-line ends, each after a "}" and before the prefix, and no line
+        # break but the prefix's own, the data line's and the blank line's.
+        boundary = data.rfind(b"\n\n" + prefix, pos, stop)
+        if boundary > pos:
+            end = boundary + 2
+            events = count(b"\n\n", pos, end)
+            if (
+                count(b"\n", pos, end) == events * lines
+                and count(b"}\n\n" + prefix, pos, end + len(prefix)) == events
+            ):
+                pos = end
+        # Then one at a time (what is left before ``stop``, or all of it when a run holds
+        # another kind of event).
         while startswith(prefix, pos):
             end = find(b"\n\n", pos) + 2
             if end < 2 or end > stop or data[end - 3] != _CLOSE_BRACE or count(b"\n", pos, end) != lines:
