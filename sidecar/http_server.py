@@ -312,14 +312,18 @@ class Response:
         if conn.write_paused:
             await conn.drain()
 
-    async def write_eof(self) -> None:
-        """End the body (and send anything not sent yet)."""
+    async def write_eof(self, data: bytes = b"") -> None:
+        """End the body (and send anything not sent yet), with ``data`` as its last piece:
+        one write for the piece and the end when the piece is small."""
         if self._eof:
             return
+        if data and (self._body is not None or len(data) >= 16384):
+            await self.write(data)
+            data = b""
         self._eof = True
         conn, transport = self._open()
         head, self._head = self._head, None
-        body = self._body if not self._no_body else None
+        body = (data or self._body) if not self._no_body else None
         tail = b"0\r\n\r\n" if self._chunked else b""
         if self._chunked and body:
             body = b"%x\r\n%s\r\n" % (len(body), body)

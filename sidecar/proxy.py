@@ -360,9 +360,12 @@ class _ClientGone(Exception):
         self.response = response
 
 
-async def _write(response: Response, data: bytes) -> None:
+async def _write(response: Response, data: bytes, end: bool = False) -> None:
     try:
-        await response.write(data)
+        if end:
+            await response.write_eof(data)
+        else:
+            await response.write(data)
     except ConnectionError as exc:  # the server's "client disconnected"
         raise _ClientGone(response) from exc
 
@@ -872,7 +875,12 @@ class Proxy:
                             call.client_wait += perf_counter() - t
                 else:
                     t = perf_counter()
-                    await _write(response, chunk)
+                    if content.at_eof:
+                        # The upstream's whole answer is here: its last piece and the end of the
+                        # client's response go out in one write.
+                        await _write(response, chunk, end=True)
+                    else:
+                        await _write(response, chunk)
                     call.client_wait += perf_counter() - t
                     try:
                         if observer is not None:

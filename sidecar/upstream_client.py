@@ -160,6 +160,11 @@ class UpstreamResponse(PieceBuffer):
         """The body reader (this object): ``await response.content.readany()`` as with aiohttp."""
         return self
 
+    @property
+    def at_eof(self) -> bool:
+        """The whole body has arrived and been read: the next :meth:`readany` gives ``b""``."""
+        return self.done and not self._pieces and self._error is None
+
     async def readany(self) -> bytes:
         """The body bytes that have arrived since the last call, waiting for some if none;
         ``b""`` once the body is complete."""

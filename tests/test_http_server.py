@@ -217,6 +217,47 @@ async def test_a_streamed_answer_is_chunked_for_1_1_and_close_delimited_for_1_0(
         assert body == b"one" + b"two" * 10000
 
 
+class _CountingTransport:
+    """A transport that notes what each write sent (everything else is the real one's)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
+@pytest.mark.parametrize("last", [b"two", b"x" * 20000, b""])
+async def test_the_last_piece_and_the_end_of_a_streamed_answer_go_in_one_write(last: bytes) -> None:
+    counted: list[_CountingTransport] = []
+
+    async def stream(request: Request) -> Response:
+        counting = _CountingTransport(request.conn.transport)  # type: ignore[arg-type]
+        request.conn.transport = counting  # type: ignore[assignment]
+        counted.append(counting)
+        response = Response(200, content_type="text/event-stream")
+        await response.prepare(request)
+        await response.write(b"one")
+        await response.write_eof(last)
+        return response
+
+    async with serving(stream) as (_, port):
+        answer = await exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = answer.partition(b"\r\n\r\n")[2]
+    expected = b"3\r\none\r\n" + (b"%x\r\n%s\r\n" % (len(last), last) if last else b"") + b"0\r\n\r\n"
+    assert body == expected
+    writes = counted[0].writes
+    if len(last) < 16384:
+        assert len(writes) == 2 and writes[-1].endswith(b"0\r\n\r\n")  # head+one, then last+end
+    else:  # a large piece is not copied to join it to the end
+        assert b"".join(writes).endswith(last + b"\r\n0\r\n\r\n")
+
+
 async def test_head_and_204_answers_carry_no_body() -> None:
     async def answer(request: Request) -> Response:
         if request.method == "HEAD":
@@ -422,5 +463,9 @@ def test_on_uvloop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         marks = test.pytestmark[0].args[1]
         for request_bytes, reason in marks:
             uvloop.run(test(request_bytes, reason))
+        return
+    if "last" in params:
+        for last in test.pytestmark[0].args[1]:
+            uvloop.run(test(last))
         return
     uvloop.run(test(monkeypatch) if "monkeypatch" in params else test())
