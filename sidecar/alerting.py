@@ -60,7 +60,7 @@ from sidecar.rules.loader import check_channels, expand, load_files
 from sidecar.rules.model import IncidentAgeRule, MttrRule, RuleSet
 from sidecar.rules.state import Transition
 from sidecar.sinks import QueueSink
-from sidecar.threads import background
+from sidecar.threads import Pacer, background
 
 __all__ = [
     "AlertingSettings",
@@ -448,6 +448,9 @@ class AlertingSink(QueueSink):
         self._engine_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sidecar-rules", initializer=background
         )
+        # The engine thread pauses every ~100 µs of work (see sidecar.threads), so a call on
+        # the event loop never waits for a whole batch of records or a whole evaluation.
+        self._pace = Pacer(behind=lambda: self.pending >= self._batch)
 
     @classmethod
     def create(
@@ -475,8 +478,11 @@ class AlertingSink(QueueSink):
         await asyncio.get_running_loop().run_in_executor(self._engine_thread, self._observe, records, now)
 
     def _observe(self, records: list[CallRecord], now: float) -> None:
+        pace = self._pace
         with self._engine_lock:
+            pace.restart()
             for record in records:
+                pace()
                 self.engine.observe(record, now)
 
     def horizon(self) -> float:
@@ -615,7 +621,8 @@ class AlertingSink(QueueSink):
             if self.engine.next_due() > now:
                 return None
             started = time.perf_counter()
-            transitions = self.engine.evaluate(now)
+            self._pace.restart()
+            transitions = self.engine.evaluate(now, self._pace)
             self.metrics.evaluation.observe(time.perf_counter() - started)
             return self._collect(transitions, now)
 

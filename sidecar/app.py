@@ -43,6 +43,7 @@ from sidecar.providers import Shape
 from sidecar.proxy import Proxy, ProxySettings
 from sidecar.rules.state import Transition
 from sidecar.sinks import Sink
+from sidecar.threads import mark_loop_thread
 from sidecar.tokens import Estimator
 from sidecar.tracing import TracingSection, TracingSink, resolve_tracing
 from sidecar.upstream_client import UpstreamClient
@@ -171,6 +172,7 @@ class Sidecar:
     async def start(self) -> None:
         """Bind both listeners and start the pipeline."""
         self._loop = asyncio.get_running_loop()
+        mark_loop_thread()  # background threads yield the core when this thread waits for it
         self.prices = await asyncio.to_thread(load_prices, self.config)
         self.admin_token = await asyncio.to_thread(self._read_admin_token, self.config)
         if self.alerting_settings is not None and self.alerting_settings.rule_files:

@@ -42,6 +42,7 @@ from sidecar.pipeline import EstimateRequest, Pipeline
 from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
 from sidecar.providers.base import UNPARSED_RESPONSE
 from sidecar.tenants import UNKNOWN, clean_tenant
+from sidecar.threads import LOAD
 from sidecar.upstream_client import Origin, UpstreamClient, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -727,6 +728,7 @@ class Proxy:
         if inflight is None:
             inflight = self._inflight[route.name] = self.metrics.inflight.labels(route.name)
         inflight.inc()
+        LOAD.calls += 1
         t0 = perf_counter()
         model = target.model if target is not None else None
         recorded = False
@@ -807,6 +809,7 @@ class Proxy:
                 upstream.release()
         finally:
             inflight.dec()
+            LOAD.calls -= 1
             if not recorded:
                 attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)
 

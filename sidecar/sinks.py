@@ -10,7 +10,7 @@ its own journal instead.
 that hands batches to :meth:`QueueSink.handle`; exceptions are logged and counted,
 never raised into the request.
 
-May import asyncio and logging; no third-party library.
+May import asyncio, logging and time; no third-party library.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from sidecar.model import CallRecord
@@ -41,22 +42,39 @@ class Sink(Protocol):
         """Flush what is queued (up to ``timeout`` seconds) and stop."""
 
 
-#: Records a sink handles on the event loop between two yields to it (see :func:`in_slices`).
-SLICE = 16
+#: Seconds of work a sink does on the event loop before it lets the loop serve calls again.
+BUDGET = 100e-6
+#: Records in the first slice of a batch (later slices are sized from its cost).
+FIRST_SLICE = 4
+#: Most records in one slice, however cheap they are.
+MAX_SLICE = 256
 
 
-async def in_slices(records: list[CallRecord], size: int = SLICE) -> AsyncIterator[list[CallRecord]]:
-    """``records`` in slices of ``size``, yielding to the event loop between two.
+async def in_slices(
+    records: list[CallRecord],
+    budget: float = BUDGET,
+    clock: Callable[[], float] = time.perf_counter,
+) -> AsyncIterator[list[CallRecord]]:
+    """``records`` in slices of about ``budget`` seconds of work, yielding to the loop between two.
 
     A sink that works on the loop (metrics, call-log formatting) gets up to a few hundred
     records at once after a burst or a linger; done in one go, that holds every call in
     flight for a millisecond or more. Between slices the loop serves what is ready, so a
-    call waits for at most one slice.
+    call waits for at most one slice per turn of the loop. The first slice has
+    :data:`FIRST_SLICE` records; each next one is sized from what the last one cost
+    (the time the consumer took between two slices), within 1 and :data:`MAX_SLICE`.
     """
-    for start in range(0, len(records), size):
-        if start:
-            await asyncio.sleep(0)
-        yield records[start : start + size]
+    start, size, total = 0, FIRST_SLICE, len(records)
+    while start < total:
+        began = clock()
+        part = records[start : start + size]
+        yield part
+        start += len(part)
+        if start >= total:
+            break
+        spent = clock() - began
+        size = MAX_SLICE if spent <= 0 else max(1, min(MAX_SLICE, round(budget * len(part) / spent)))
+        await asyncio.sleep(0)
 
 
 class QueueSink:

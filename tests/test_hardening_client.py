@@ -26,6 +26,7 @@ from sidecar.app import Sidecar
 from sidecar.metrics import iter_samples
 from sidecar.model import CallRecord
 from sidecar.sinks import QueueSink
+from sidecar.threads import LOAD
 from tests.harness import Collect, make_config, running_sidecar, sample
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
@@ -73,6 +74,7 @@ async def still_serves(
     records = await collect.wait_for(seen + 1)
     assert records[-1].status == 200 and records[-1].usage.input == 12
     assert sample(sc, "llm_inflight_requests") == 0
+    assert LOAD.calls == 0  # the loop's load, as the background threads' pacers read it
 
 
 def assert_client_abort(sc: Sidecar, record: CallRecord) -> None:
@@ -80,6 +82,7 @@ def assert_client_abort(sc: Sidecar, record: CallRecord) -> None:
     assert sample(sc, "llm_requests_total", code="499") == 1
     assert sample(sc, "llm_errors_total", error_type="client_abort") == 1
     assert sample(sc, "llm_inflight_requests") == 0
+    assert LOAD.calls == 0
 
 
 # --- clients that go away -----------------------------------------------------------------
@@ -99,6 +102,7 @@ async def test_client_disconnects_before_the_upstream_answers() -> None:
         writer.write(request_bytes(json.dumps(CHAT).encode()))
         await up.wait_accepted()
         assert sample(sc, "llm_inflight_requests") == 1
+        assert LOAD.calls == 1
         writer.close()
         (record,) = await collect.wait_for(1)
         assert_client_abort(sc, record)

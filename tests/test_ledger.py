@@ -646,3 +646,38 @@ def test_insert_for_writes_the_nulls_into_the_statement() -> None:
         odd = row_values({**to_row(BASE, "c"), column: value})
         assert insert_for(odd) is None, column
     assert values_problem(row_values({**to_row(BASE, "c"), "epoch": 1735689600})) is None
+
+
+def test_store_paces_between_rows_inside_one_transaction(tmp_path: Path) -> None:
+    """The writer thread's pacer runs between two rows of an insert (inside ``executemany``,
+    which pulls the rows one at a time) and between two chunks of a prune; the batch is
+    still one transaction: a reader sees none of it until the commit."""
+    from sidecar.ledger._store import PRUNE_STEP, Store
+
+    path = tmp_path / "ledger.sqlite3"
+    seen: list[int] = []  # rows the writer's connection holds at each call of the pacer
+    store: Store | None = None
+
+    def pace() -> None:
+        assert store is not None
+        seen.append(store.conn.execute("SELECT count(*) FROM calls").fetchone()[0])
+        reader = sqlite3.connect(path)
+        try:
+            assert reader.execute("SELECT count(*) FROM calls").fetchone()[0] in (0, 120)
+        finally:
+            reader.close()
+
+    store = Store(path, pace=pace)
+    try:
+        rows = [to_row(rec(i, started_at=1000.0 + i), f"p{i}") for i in range(120)]
+        assert store.insert(rows).new == 120
+        # Called for every row while converting, screening and inserting; during the insert
+        # the count grows a row at a time, so the pacer ran between two rows of executemany.
+        inserting = seen[2 * 120 :]
+        assert inserting[:3] == [0, 1, 2] and inserting[-1] == 119, inserting
+        seen.clear()
+        assert store.prune(cutoff=1000.0 + 100, limit=1000) == 100
+        assert PRUNE_STEP < 100 and seen[:2] == [120, 120 - PRUNE_STEP] and seen[-1] == 20, seen
+        assert store.conn.execute("SELECT count(*) FROM calls").fetchone()[0] == 20
+    finally:
+        store.close()

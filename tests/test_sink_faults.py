@@ -590,9 +590,11 @@ async def test_an_otlp_endpoint_with_a_secret_in_it_is_never_logged(
 
 
 async def test_a_large_batch_is_handled_in_slices_that_let_the_loop_serve_calls() -> None:
-    """The loop runs other work between two slices of a batch (metrics, call-log lines)."""
-    from sidecar.sinks import SLICE, in_slices
+    """The loop runs other work between two slices of a batch (metrics, call-log lines),
+    and a slice holds about ``budget`` seconds of work, sized from what the last one cost."""
+    from sidecar.sinks import FIRST_SLICE, MAX_SLICE, in_slices
 
+    now = [0.0]
     order: list[object] = []
 
     async def other() -> None:
@@ -600,11 +602,17 @@ async def test_a_large_batch_is_handled_in_slices_that_let_the_loop_serve_calls(
             order.append("other")
             await asyncio.sleep(0)
 
-    async def consume() -> None:
-        async for part in in_slices([None] * (2 * SLICE + 1)):  # type: ignore[list-item]
+    async def consume(cost: float, count: int) -> list[int]:
+        sizes = []
+        async for part in in_slices([None] * count, budget=100e-6, clock=lambda: now[0]):  # type: ignore[list-item]
+            sizes.append(len(part))
             order.append(len(part))
+            now[0] += cost * len(part)  # the work done on the slice
+        return sizes
 
-    await asyncio.gather(consume(), other())
-    assert [x for x in order if x != "other"] == [SLICE, SLICE, 1]
-    assert order.index("other") < order.index(1)  # something else ran before the last slice
-    assert order[0] == SLICE and order[1] == "other"  # ... and right after the first
+    sizes, _ = await asyncio.gather(consume(10e-6, 45), other())
+    assert sizes == [FIRST_SLICE, 10, 10, 10, 10, 1]  # 100 µs of 10 µs records: 10 a slice
+    assert sum(sizes) == 45
+    assert order[0] == FIRST_SLICE and order[1] == "other"  # the loop ran something right after the first
+    assert await consume(1e-3, 6) == [FIRST_SLICE, 1, 1]  # dearer than the budget: one at a time
+    assert await consume(0.0, 600) == [FIRST_SLICE, MAX_SLICE, MAX_SLICE, 84]  # free: capped

@@ -12,6 +12,11 @@ only appends to a list under a lock:
 - the **spiller** appends records to the journal: those that found the queue full,
   all of them while the database is down, and failed batches.
 
+Both pace themselves (:class:`sidecar.threads.Pacer`): between two rows they check the
+clock, and after ~100 µs of work they let the event loop have the core if it waits for
+it, so a call never waits for a whole batch; they stop pausing when their queue holds
+more than a batch, so they never fall behind for it.
+
 :meth:`Ledger.offer` never refuses a record. Memory is bounded by ``queue_size``
 for the database path; the journal path holds records only until the spiller has
 written them, and up to ``max_backlog`` while the journal itself cannot be
@@ -71,7 +76,7 @@ from sidecar.ledger._schema import Row, Values, row_problem, row_to_record, to_r
 from sidecar.ledger._settings import LedgerSettings
 from sidecar.ledger._store import Rejected, Store
 from sidecar.model import CallRecord
-from sidecar.threads import background
+from sidecar.threads import Pacer, background, no_pace
 
 __all__ = ["DB_NAME", "JOURNAL_NAME", "LOCK_NAME", "Ledger", "LedgerLockedError", "LedgerStatus"]
 
@@ -205,6 +210,10 @@ class Ledger:
         self._threads: list[threading.Thread] = []
         self._done: concurrent.futures.Future[None] | None = None
         self._lock_fd: int | None = None
+        # Each thread's pacer (see sidecar.threads): the writer's and the spiller's work on a
+        # batch pauses every ~100 µs, so a call on the event loop never waits for a whole batch.
+        self._writer_pace = Pacer(behind=lambda: len(self._queue) >= settings.batch_size)
+        self._spiller_pace = Pacer(behind=lambda: len(self._overflow) >= settings.batch_size)
 
         self._db_error: str | None = None
         self._journal_error: str | None = None
@@ -481,6 +490,7 @@ class Ledger:
                         timeout=settings.flush_interval,
                     )
                 self._wake_now = False
+                self._writer_pace.restart()
                 count = min(len(self._queue), settings.batch_size)
                 batch = [self._queue.popleft() for _ in range(count)]
                 self._in_flight = batch
@@ -547,7 +557,9 @@ class Ledger:
                 self._db_down("the data directory is not usable")
                 return None
         try:
-            store = Store(self.db_path, self.settings.synchronous, self.settings.busy_timeout)
+            store = Store(
+                self.db_path, self.settings.synchronous, self.settings.busy_timeout, pace=self._writer_pace
+            )
         except (sqlite3.Error, OSError) as exc:
             self._db_down(str(exc))
             return None
@@ -591,7 +603,9 @@ class Ledger:
             return None
         rows: list[Values] = []
         rejected: list[Rejected] = []
+        pace = self._writer_pace
         for call_id, record in batch:
+            pace()
             try:
                 rows.append(to_values(record, call_id))
             except Exception as exc:  # to_values is pure: a record it cannot map (an absurd time)
@@ -630,11 +644,14 @@ class Ledger:
                     n,
                 )
 
-    def _journal_lines(self, entries: Sequence[_Entry]) -> tuple[list[str], list[Rejected]]:
+    def _journal_lines(
+        self, entries: Sequence[_Entry], pace: Callable[[], None] = no_pace
+    ) -> tuple[list[str], list[Rejected]]:
         """Journal lines of the entries, leaving out (and returning) rows the database would refuse."""
         lines: list[str] = []
         rejected: list[Rejected] = []
         for call_id, record in entries:
+            pace()
             try:
                 row = to_row(record, call_id)
             except Exception as exc:  # to_row is pure: a record it cannot map (an absurd time)
@@ -668,6 +685,7 @@ class Ledger:
             try:
                 chunk: list[Row] = []
                 for row in Journal.read(path):
+                    self._writer_pace()
                     if row is None:
                         bad += 1
                         continue
@@ -752,7 +770,8 @@ class Ledger:
                 self._overflow.clear()
             if not entries:
                 return
-            lines, rejected = self._journal_lines(entries)
+            self._spiller_pace.restart()
+            lines, rejected = self._journal_lines(entries, self._spiller_pace)
             if rejected:
                 self._reject(rejected, settle=True)
                 rejected_ids = {call_id for call_id, _ in rejected}

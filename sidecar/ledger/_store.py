@@ -15,6 +15,11 @@ raise; then the transaction is rolled back and the batch checked value by value
 (:func:`~sidecar.ledger._schema.values_problem`) and inserted again: the rows stored
 and the reasons given are the same either way.
 
+The work on a batch (screening, binding, SQLite's own inserts) takes milliseconds on the
+core the event loop shares; ``pace`` (a :class:`sidecar.threads.Pacer` of the writer
+thread) is called between two rows, so the thread pauses every ~100 µs and a call the
+loop has to serve does not wait for the whole batch (see :mod:`sidecar.threads`).
+
 Used from the ledger's writer thread only (one connection, one thread); readers
 (``cost report``, :func:`sidecar.ledger.totals`) open their own read-only
 connections, which WAL lets run alongside the writer.
@@ -27,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import NamedTuple
@@ -43,8 +48,9 @@ from sidecar.ledger._schema import (
     row_values,
     values_problem,
 )
+from sidecar.threads import no_pace
 
-__all__ = ["Inserted", "LedgerSchemaError", "Rejected", "Store"]
+__all__ = ["PRUNE_STEP", "Inserted", "LedgerSchemaError", "Rejected", "Store"]
 
 # What binding or storing one row can raise when the row, not the database, is at fault.
 _ROW_ERRORS = (
@@ -77,13 +83,27 @@ def _call_id(values: Values) -> str:
 
 _Statement = tuple[str, Values]  # an INSERT and its parameters
 
+#: Rows one ``DELETE`` of :meth:`Store.prune` removes (a few hundred microseconds of work).
+PRUNE_STEP = 50
 
-def _screen(rows: Sequence[Values], exact: bool) -> tuple[list[_Statement], list[Rejected]]:
+
+def _parameters(run: Iterable[_Statement], pace: Callable[[], None]) -> Iterator[Values]:
+    """The parameters of a run of statements, for ``executemany``, which pulls them one row
+    at a time: ``pace`` is called between two rows."""
+    for _, values in run:
+        pace()
+        yield values
+
+
+def _screen(
+    rows: Sequence[Values], exact: bool, pace: Callable[[], None] = no_pace
+) -> tuple[list[_Statement], list[Rejected]]:
     """The statements inserting the rows, and the rows refused; ``exact``: check every value,
     else only the rows :func:`insert_for` does not pass (what it leaves out, binding raises on)."""
     good: list[_Statement] = []
     rejected: list[Rejected] = []
     for values in rows:
+        pace()
         if not exact:
             statement = insert_for(values)
             if statement is not None:
@@ -102,10 +122,20 @@ class LedgerSchemaError(sqlite3.DatabaseError):
 
 
 class Store:
-    """An open ledger database. Raises ``sqlite3.Error`` (or ``OSError``) when it cannot open."""
+    """An open ledger database. Raises ``sqlite3.Error`` (or ``OSError``) when it cannot open.
 
-    def __init__(self, path: Path, synchronous: str = "full", busy_timeout: float = 5.0) -> None:
+    ``pace`` is called between two rows of an insert and between two chunks of a prune.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        synchronous: str = "full",
+        busy_timeout: float = 5.0,
+        pace: Callable[[], None] = no_pace,
+    ) -> None:
         self.path = path
+        self.pace = pace
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         try:
             mode = self.conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -138,19 +168,24 @@ class Store:
         Raises ``sqlite3.Error`` or ``OSError`` only when the database itself fails; then
         nothing of the batch is stored.
         """
-        return self.insert_values([row_values(row) for row in rows])
+        pace = self.pace
+        values: list[Values] = []
+        for row in rows:
+            pace()
+            values.append(row_values(row))
+        return self.insert_values(values)
 
     def insert_values(self, rows: Sequence[Values]) -> Inserted:
         """:meth:`insert` of rows given as :func:`~sidecar.ledger._schema.row_values` (or
         :func:`~sidecar.ledger._schema.to_values`), in the same order."""
-        good, rejected = _screen(rows, exact=False)
+        good, rejected = _screen(rows, exact=False, pace=self.pace)
         if not good:
             return Inserted(0, tuple(rejected))
         try:
             return self._insert_all(good, rejected)
         except _ROW_ERRORS:
             pass  # a value the screen leaves to binding: check every value, then insert again
-        good, rejected = _screen(rows, exact=True)
+        good, rejected = _screen(rows, exact=True, pace=self.pace)
         if not good:
             return Inserted(0, tuple(rejected))
         try:
@@ -166,7 +201,7 @@ class Store:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             for statement, run in itertools.groupby(statements, itemgetter(0)):
-                self.conn.executemany(statement, [params for _, params in run])
+                self.conn.executemany(statement, _parameters(run, self.pace))
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
@@ -182,6 +217,7 @@ class Store:
         try:
             self.conn.execute("BEGIN IMMEDIATE")
             for statement, values in statements:
+                self.pace()
                 try:
                     self.conn.execute(statement, values)
                 except _ROW_ERRORS as exc:
@@ -193,14 +229,27 @@ class Store:
         return Inserted(self.conn.total_changes - before, tuple(rejected))
 
     def prune(self, cutoff: float, limit: int = 5000) -> int:
-        """Delete up to ``limit`` of the oldest rows that started before ``cutoff``; returns how many."""
+        """Delete up to ``limit`` of the oldest rows that started before ``cutoff``; returns how many.
+
+        One transaction, deleting :data:`PRUNE_STEP` rows per statement with ``pace`` called
+        between two statements.
+        """
         before = self.conn.total_changes
         try:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute(
-                "DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE epoch < ? ORDER BY epoch LIMIT ?)",
-                (cutoff, limit),
-            )
+            left = limit
+            while left > 0:
+                self.pace()
+                step = min(left, PRUNE_STEP)
+                start = self.conn.total_changes
+                self.conn.execute(
+                    "DELETE FROM calls WHERE id IN "
+                    "(SELECT id FROM calls WHERE epoch < ? ORDER BY epoch LIMIT ?)",
+                    (cutoff, step),
+                )
+                left -= step
+                if self.conn.total_changes - start < step:
+                    break  # nothing older is left
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()

@@ -36,7 +36,7 @@ Pure module: standard library and :mod:`sidecar` core modules only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Generic, TypeVar
@@ -790,11 +790,12 @@ class Engine:
         """The earliest time a rule is due (``inf`` without rules)."""
         return min((ev.next_due for ev in self._evaluators), default=math.inf)
 
-    def evaluate(self, now: float) -> list[Transition]:
+    def evaluate(self, now: float, pace: Callable[[], None] | None = None) -> list[Transition]:
         """Evaluate the rules due at ``now``; return the alerts that fired or resolved.
 
         Rules over calls go first and their transitions reach the incident book
-        before the ``mttr`` and ``incident_age`` rules read it.
+        before the ``mttr`` and ``incident_age`` rules read it. ``pace`` (when given) is
+        called before each rule (a background thread's :class:`sidecar.threads.Pacer`).
         """
         out: list[Transition] = []
         for incident_kinds in (False, True):
@@ -802,6 +803,8 @@ class Engine:
             for ev in self._evaluators:
                 if (ev.rule.kind in _INCIDENT_KINDS) != incident_kinds or not ev.due(now):
                     continue
+                if pace is not None:
+                    pace()
                 ev.advance(now)
                 out.extend(self._step(ev, now))
                 ev.gc(now)
