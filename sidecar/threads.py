@@ -129,10 +129,13 @@ def loop_waiting() -> bool:
         raw = os.pread(fd, 1024, 0)
     except OSError:  # pragma: no cover - the loop's thread is gone
         return False
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    if fields[0] != b"R":  # field 3, the state: sleeping (S), or stopped
+    try:
+        fields = raw[raw.rindex(b")") + 2 :].split()
+        if fields[0] != b"R":  # field 3, the state: sleeping (S), or stopped
+            return False
+        return _getcpu is None or int(fields[36]) == _getcpu()  # field 39: the CPU it is queued on
+    except (ValueError, IndexError):  # pragma: no cover - a /proc of another format
         return False
-    return _getcpu is None or int(fields[36]) == _getcpu()  # field 39: the CPU it is queued on
 
 
 class Pacer:
