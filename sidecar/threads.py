@@ -26,8 +26,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from collections.abc import Callable
 
 __all__ = [
     "BACKGROUND_NICE",
@@ -42,8 +41,6 @@ __all__ = [
     "mark_loop_thread",
     "no_pace",
 ]
-
-_T = TypeVar("_T")
 
 log = logging.getLogger("sidecar.threads")
 
@@ -211,13 +208,6 @@ class Pacer:
     def restart(self) -> None:
         """A new stretch starts now (call after the thread waited: it has just been off the CPU)."""
         self._until = self._clock() + self._run
-
-    def over(self, items: Iterable[_T]) -> Iterator[_T]:
-        """``items``, with the pacer called before each one (e.g. the rows given to
-        ``executemany``, which then pauses between two rows)."""
-        for item in items:
-            self()
-            yield item
 
 
 def no_pace() -> None:
