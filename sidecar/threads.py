@@ -16,8 +16,10 @@ run on to the end of its slice or to the next tick before it runs the loop. Meas
 ledger writer inserted a batch, which set the sidecar's p99. A ``sched_yield`` does not
 help (EEVDF picks the yielding thread again while the loop is not yet "eligible"). So a
 background thread doing a long piece of work calls a :class:`Pacer` between two small
-parts of it (a row, a record): after ``run`` seconds of work it sleeps ``pause`` seconds,
-which takes it off the run queue so that a woken loop runs at once.
+parts of it (a row, a record): after ``run`` seconds of work it lets go of the GIL and, if
+the loop's thread is runnable on its core, sleeps ``pause`` seconds, which takes it off
+the run queue so that the woken loop runs at once. It does not pause under a load that
+keeps the loop busy anyway, nor when its own work piles up.
 """
 
 from __future__ import annotations
@@ -135,6 +137,14 @@ def loop_waiting() -> bool:
         return False
 
 
+def no_pace() -> None:
+    """A pacer that never pauses (work on the event loop, or in tests)."""
+
+
+#: Let go of the GIL and of the core for a moment (nothing where the platform has no such call).
+_sched_yield: Callable[[], None] = getattr(os, "sched_yield", no_pace)
+
+
 class Pacer:
     """Keeps a background thread off the core while the event loop waits for it (see the
     module's docstring).
@@ -181,7 +191,7 @@ class Pacer:
         clock: Callable[[], float] = time.perf_counter,
         waiting: Callable[[], bool] = loop_waiting,
         sleep: Callable[[float], None] = time.sleep,
-        yield_: Callable[[], None] = os.sched_yield,
+        yield_: Callable[[], None] = _sched_yield,
     ) -> None:
         self._run = run
         self._behind = behind
@@ -208,7 +218,3 @@ class Pacer:
     def restart(self) -> None:
         """A new stretch starts now (call after the thread waited: it has just been off the CPU)."""
         self._until = self._clock() + self._run
-
-
-def no_pace() -> None:
-    """A pacer that never pauses (work on the event loop, or in tests)."""
