@@ -448,8 +448,8 @@ class AlertingSink(QueueSink):
         self._engine_thread = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sidecar-rules", initializer=background
         )
-        # The engine thread pauses every ~100 µs of work (see sidecar.threads), so a call on
-        # the event loop never waits for a whole batch of records or a whole evaluation.
+        # The engine thread steps aside every ~100 µs of work when the loop waits for the core
+        # (see sidecar.threads): a call never waits for a whole batch or a whole evaluation.
         self._pace = Pacer(behind=lambda: self.pending >= self._batch)
 
     @classmethod

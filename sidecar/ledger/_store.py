@@ -17,8 +17,9 @@ and the reasons given are the same either way.
 
 The work on a batch (screening, binding, SQLite's own inserts) takes milliseconds on the
 core the event loop shares; ``pace`` (a :class:`sidecar.threads.Pacer` of the writer
-thread) is called between two rows, so the thread pauses every ~100 µs and a call the
-loop has to serve does not wait for the whole batch (see :mod:`sidecar.threads`).
+thread) is called between two rows, so that every ~100 µs the thread can step aside for
+an event loop waiting for the core, and a call does not wait for the whole batch (see
+:mod:`sidecar.threads`).
 
 Used from the ledger's writer thread only (one connection, one thread); readers
 (``cost report``, :func:`sidecar.ledger.totals`) open their own read-only
