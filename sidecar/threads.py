@@ -63,7 +63,7 @@ def background() -> None:
         log.debug("could not lower the priority of thread %s: %s", threading.current_thread().name, exc)
 
 
-#: Longest stretch (seconds) a paced background thread works before it pauses.
+#: Stretch (seconds) a paced background thread works before it checks whether to step aside.
 RUN = 100e-6
 #: How long it pauses (seconds; the kernel adds its timer slack, 50 µs by default).
 PAUSE = 20e-6

@@ -210,8 +210,8 @@ class Ledger:
         self._threads: list[threading.Thread] = []
         self._done: concurrent.futures.Future[None] | None = None
         self._lock_fd: int | None = None
-        # Each thread's pacer (see sidecar.threads): the writer's and the spiller's work on a
-        # batch pauses every ~100 µs, so a call on the event loop never waits for a whole batch.
+        # Each thread's pacer (see sidecar.threads): every ~100 µs of work on a batch the thread
+        # steps aside if the loop waits for the core, so a call never waits for a whole batch.
         self._writer_pace = Pacer(behind=lambda: len(self._queue) >= settings.batch_size)
         self._spiller_pace = Pacer(behind=lambda: len(self._overflow) >= settings.batch_size)
 
