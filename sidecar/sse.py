@@ -93,6 +93,18 @@ class Event:
 
     def _decode(self) -> None:
         raw = self.raw
+        if self._todo == _DECODE and raw.endswith(b"\n\n") and _CR not in raw:
+            # The usual event, one "data: " line, with or without an "event: " line before it.
+            start = 0
+            kind: str | None = None
+            if raw.startswith(b"event: "):
+                start = raw.find(b"\n") + 1
+                kind = raw[7 : start - 1].decode("utf-8", "replace")
+            if raw.startswith(b"data: ", start) and raw.find(b"\n", start) == len(raw) - 2:
+                self._event = kind
+                self._data = raw[start + 6 : -2].decode("utf-8", "replace")
+                self._todo = _DECODED
+                return
         lines = _EOL.split(raw) if _CR in raw else raw.split(b"\n")
         event: str | None = None
         data: list[bytes] = []

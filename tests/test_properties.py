@@ -776,6 +776,9 @@ def plain_events_reference(prefix: bytes, data: bytes, pos: int, stop: int) -> i
 
 EVENT_PIECES = [
     b'data: {"a":"b"}\n\n',
+    b"}\n\n",  # an event that is only the end of one
+    b"\n",  # a stray line break that could stand in for a missing one
+    b'data: {"a":1}\ndata: }\n\n',
     b'data: {"a":"b"}\n\n\n',
     b'data: {"a":\n"b"}\n\n',
     b'data: {"a":"b"}\ndata: {"c":1}\n\n',
@@ -822,3 +825,56 @@ def test_a_run_of_plain_events_found_at_once_is_the_one_found_event_by_event(
     data = b"".join(pieces)
     stop = max(0, len(data) - stop_back)
     assert observer._plain_events(data, 0, stop) == plain_events_reference(prefix, data, 0, stop)
+
+
+# -- loads: json.loads without its Python layers, same answers ------------------------------------
+
+
+@given(
+    text=json_values.map(json.dumps)
+    | st.text(max_size=40)
+    | st.sampled_from([" {}", "{} ", "\ufeff{}", "{}x"])
+)
+def test_loads_answers_as_json_loads_does(text: str) -> None:
+    from sidecar.providers.base import _INVALID, loads
+
+    try:
+        expected: object = json.loads(text)
+    except ValueError:
+        expected = _INVALID
+    got = loads(text)
+    assert repr(got) == repr(expected)  # repr: NaN is not equal to itself
+
+
+# -- KeyFinder: key by key in long data finds the event the one pattern finds ----------------------
+
+FINDER_PIECES = [
+    b'data: {"choices":[{"delta":{"content":"w"},"finish_reason":null}],"usage":null}\n\n',
+    b'data: {"choices":[],"usage": null}\n\n',
+    b'data: {"choices":[],"usage" :{"prompt_tokens":1}}\n\n',
+    b'data: {"choices":[{"finish_reason":\t"stop"}]}\n\n',
+    b'data: {"stop_reason":"x"}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"w"}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","usage":{"output_tokens":3}}\n\n',
+    b'event: x\ndata: {"stop_reason":"end_turn"}\n\n',
+]
+
+
+@given(pieces=st.lists(st.sampled_from(FINDER_PIECES), min_size=1, max_size=40), start=st.integers(0, 200))
+def test_a_key_finder_finds_in_long_data_the_event_its_one_pattern_finds(
+    pieces: list[bytes], start: int
+) -> None:
+    from sidecar.providers.anthropic import _DELTA_NEEDS_PARSE
+    from sidecar.providers.openai import _CHAT_NEEDS_PARSE
+
+    filler = b'data: {"a":"' + b"x" * 1100 + b'"}\n\n'  # long data, with no key in it
+    data = filler + b"".join(pieces)
+    start = min(start, len(data))
+    for finder in (_CHAT_NEEDS_PARSE, _DELTA_NEEDS_PARSE):
+        whole = finder.whole.search(data, start)
+        found = finder.first(data, start)  # key by key when the data is long, else the one pattern
+        if whole is None:
+            continue  # key by key may find more (a key that ends the same way): a parse, not a loss
+        assert found >= 0
+        # At the one pattern's match or before it, or later in the same event.
+        assert found <= whole.start() or b"\n\n" not in data[whole.start() : found]

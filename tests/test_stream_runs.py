@@ -115,6 +115,34 @@ def test_a_run_holding_anything_to_parse_takes_the_slow_path(odd: bytes) -> None
     assert chunks[1] not in kept
 
 
+LONG_WORDS = [chat_event({"content": f" long{i}"}) for i in range(16)]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        chat_event({}, finish="length"),
+        b'data: {"choices":[],"usage" : {"prompt_tokens":1,"completion_tokens":2}}\n\n',  # blanks
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":\t"stop"}],"usage": null}\n\n',
+        b'data: {"choices":[],"\\u0075sage":{"prompt_tokens":1,"completion_tokens":3}}\n\n',
+        b"event: other\ndata: {}\n\n",
+    ],
+    ids=["finish", "spaced-usage", "tabbed-finish", "escaped-key", "named-event"],
+)
+def test_a_long_run_searches_key_by_key_and_still_finds_what_to_parse(odd: bytes) -> None:
+    """Past KeyFinder.SHORT bytes the keys are searched one by one: the same events are parsed."""
+    from sidecar.providers.base import KeyFinder
+
+    run_bytes = b"".join([*LONG_WORDS[:8], odd, *LONG_WORDS[8:]])
+    assert len(run_bytes) > 2 * KeyFinder.SHORT
+    out, info, kept = run(CHAT, [CHAT_HEAD, run_bytes, *CHAT_TAIL])
+    expected_out, expected, _ = run(CHAT, [CHAT_HEAD, *LONG_WORDS[:8], odd, *LONG_WORDS[8:], *CHAT_TAIL])
+    assert out == expected_out
+    assert info == expected
+    assert info.usage == expected.usage and info.finish_reasons == expected.finish_reasons
+    assert b"".join(LONG_WORDS[:8]) in kept  # the run before the odd event was still kept whole
+
+
 def test_a_run_after_a_partial_event_takes_the_slow_path() -> None:
     """A chunk that completes an event left pending by the previous one is not a run."""
     first, second = CHAT_WORDS[0][:20], CHAT_WORDS[0][20:] + CHAT_WORDS[1]

@@ -21,7 +21,6 @@ Pure module: no I/O.
 
 from __future__ import annotations
 
-import re
 from functools import partial
 from typing import ClassVar
 
@@ -29,6 +28,7 @@ from sidecar.model import Usage
 from sidecar.providers.base import (
     UNPARSED_REQUEST,
     UNPARSED_RESPONSE,
+    KeyFinder,
     LazyText,
     PromptText,
     RequestInfo,
@@ -185,7 +185,9 @@ _DELTA_LINE = b"event: content_block_delta\n"
 #: What makes a content delta worth parsing once content was seen: anything that could
 #: make it more than a delta (a ``usage``, a ``stop_reason``, a ``message...`` key or
 #: type), or a key that a byte search cannot see.
-_DELTA_NEEDS_PARSE = re.compile(rb'"(?:usage"|stop_reason"|message)')
+_DELTA_NEEDS_PARSE = KeyFinder(
+    rb'"(?:usage"|stop_reason"|message)', literals=(b'"usage"', b'"stop_reason"', b'"message')
+)
 
 
 def _messages_text(event: Event, text: TextCollector) -> None:
@@ -230,7 +232,7 @@ class MessagesStreamObserver(StreamObserver):
             if (
                 raw.startswith(_DELTA_LINE)
                 and plain_data_event(raw, len(_DELTA_LINE))
-                and _DELTA_NEEDS_PARSE.search(raw) is None
+                and _DELTA_NEEDS_PARSE.first(raw) < 0
                 and not may_hide_keys(raw)
             ):
                 self._keep(event)

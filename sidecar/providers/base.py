@@ -141,7 +141,7 @@ class StreamObserver:
     #: (``data: {`` for chat chunks), for the chunk fast path of :meth:`feed`; ``None``: none.
     plain_prefix: bytes | None = None
     #: Finds, in an event's bytes, a key that makes it worth parsing (with ``plain_prefix``).
-    needs_parse: re.Pattern[bytes] | None = None
+    needs_parse: KeyFinder | None = None
 
     def __init__(self, strip_usage_chunk: bool = False) -> None:
         self.strip_usage_chunk = strip_usage_chunk
@@ -220,11 +220,12 @@ class StreamObserver:
     def _worth_parsing(self, data: bytes, start: int) -> int:
         """Where, from ``start``, the first key :attr:`needs_parse` finds, or the first JSON
         escape that could hide one, begins; ``len(data)`` when there is none."""
-        pattern = self.needs_parse
-        if pattern is None:
+        finder = self.needs_parse
+        if finder is None:
             return start  # nothing tells plain events apart: parse them all
-        found = pattern.search(data, start)
-        stop = found.start() if found is not None else len(data)
+        stop = finder.first(data, start)
+        if stop < 0:
+            stop = len(data)
         if _BACKSLASH in data:
             escape = _ASCII_ESCAPE.search(data, start, stop)
             if escape is not None:
@@ -252,14 +253,14 @@ class StreamObserver:
         # At once, the events up to the last one that opens before ``stop``: k of them when
         # there are k blank-line ends, each after a "}" and before the prefix, and no line
         # break but the prefix's own, the data line's and the blank line's.
+        # k such ends, when each event opens with the prefix and has no other line break,
+        # hold all k * lines line breaks of the run; an event that does not open with the
+        # prefix, or has a line break of its own, only adds line breaks (see _plain_run).
         boundary = data.rfind(b"\n\n" + prefix, pos, stop)
         if boundary > pos:
             end = boundary + 2
-            events = count(b"\n\n", pos, end)
-            if (
-                count(b"\n", pos, end) == events * lines
-                and count(b"}\n\n" + prefix, pos, end + len(prefix)) == events
-            ):
+            events = count(b"}\n\n" + prefix, pos, end + len(prefix))
+            if events and count(b"\n", pos, end) == events * lines:
                 pos = end
         # Then one at a time (what is left before ``stop``, or all of it when a run holds
         # another kind of event).
@@ -319,23 +320,28 @@ class StreamObserver:
         then kept whole, without being cut into events. The structure is proved by
         counting: ``k`` blank-line ends, ``k - 1`` of them followed by the prefix, and no
         line break but the prefix's own, the data line's and the blank line's.
+
+        Two counts are enough: with ``k`` ends followed by the prefix, the first event and
+        the ``k`` after those ends open with the prefix, and each of these ``k + 1``
+        events holds at least the prefix's line breaks and its blank line's; the chunk
+        holds exactly that many only when it has no other event and no other line break.
         """
         prefix = self.plain_prefix
+        finder = self.needs_parse
         if (
             prefix is None
+            or finder is None
             or not data.startswith(prefix)
             or not data.endswith(b"}\n\n")
             or _CR in data
             or not self._decoder.idle()
         ):
             return False
-        events = data.count(b"\n\n")
-        if data.count(b"\n") != events * (prefix.count(b"\n") + 2):
+        lines = prefix.count(b"\n") + 2
+        newlines = data.count(b"\n")
+        if newlines != lines and newlines != (data.count(b"}\n\n" + prefix) + 1) * lines:
             return False
-        if events > 1 and data.count(b"}\n\n" + prefix) != events - 1:
-            return False
-        pattern = self.needs_parse
-        return pattern is not None and pattern.search(data) is None and not may_hide_keys(data)
+        return finder.first(data) < 0 and not may_hide_keys(data)
 
     def _keep(self, event: Event | bytes) -> None:
         """Keep a content event (or a run of whole ones, as bytes) for the text; one that would
@@ -441,7 +447,56 @@ _CR = 0x0D
 _LF = 0x0A
 _CLOSE_BRACE = 0x7D
 _BACKSLASH = 0x5C
+
+
 # A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
+class KeyFinder:
+    """Finds the first of a few keys in an event's bytes.
+
+    ``whole`` is one pattern for all the keys, searched in short data (one event). In
+    long data (a run of events) each key is searched apart: ``re`` scans in C for the
+    literal a pattern opens with and tries the rest only where it occurs, but ``whole``
+    usually opens with an alternation (``"(?:usage|finish_reason)"``) and is tried at
+    every quote, so a search per key costs less, and ``bytes.find`` of a plain
+    ``literal`` less again. The keys searched apart may find more than ``whole`` (a key
+    that ends the same way), never less: a key found costs a parse, a key missed a wrong
+    record.
+    """
+
+    __slots__ = ("literals", "patterns", "whole")
+
+    #: Below this many bytes, one search for all keys costs less than a call per key.
+    SHORT = 1024
+
+    def __init__(
+        self, whole: bytes, patterns: tuple[bytes, ...] = (), literals: tuple[bytes, ...] = ()
+    ) -> None:
+        self.whole = re.compile(whole)
+        self.patterns = tuple(re.compile(pattern) for pattern in patterns)
+        self.literals = literals
+
+    def first(self, data: bytes, start: int = 0) -> int:
+        """Where the earliest key at or after ``start`` begins; -1 when there is none.
+
+        Once one key is found, the others are searched only before it: a match that
+        begins before it and runs past it has no line break in it, so it lies in the
+        same event, and the event found is the same.
+        """
+        if len(data) - start < self.SHORT:
+            match = self.whole.search(data, start)
+            return match.start() if match is not None else -1
+        first = -1
+        for literal in self.literals:
+            found = data.find(literal, start) if first < 0 else data.find(literal, start, first)
+            if found >= 0:
+                first = found
+        for pattern in self.patterns:
+            match = pattern.search(data, start) if first < 0 else pattern.search(data, start, first)
+            if match is not None:
+                first = match.start()
+        return first
+
+
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 
 
@@ -529,8 +584,28 @@ class TextCollector:
 _INVALID = object()
 
 
+#: The C scanner under ``json.loads``, which clears its key memo after every call.
+_scan: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 def loads(data: bytes | str) -> object:
-    """``json.loads`` that returns a sentinel (never a dict) instead of raising."""
+    """``json.loads`` that returns a sentinel (never a dict) instead of raising.
+
+    A string that holds one JSON value and nothing else (an event's data, as a rule) goes
+    straight to the C scanner, without ``json.loads``'s Python layers; anything else
+    (bytes, blanks around the value, no value at all) takes ``json.loads``, with its
+    errors.
+    """
+    if isinstance(data, str):
+        try:
+            value, end = _scan(data, 0)
+        except StopIteration:  # no value at the start: a blank, a BOM, nothing
+            pass
+        except (ValueError, RecursionError):
+            return _INVALID
+        else:
+            if end == len(data):
+                return value
     try:
         return json.loads(data)
     except (ValueError, RecursionError):

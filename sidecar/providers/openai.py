@@ -19,7 +19,6 @@ Pure module: no I/O.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from functools import partial
 from typing import ClassVar
@@ -28,6 +27,7 @@ from sidecar.model import Usage
 from sidecar.providers.base import (
     UNPARSED_REQUEST,
     UNPARSED_RESPONSE,
+    KeyFinder,
     LazyText,
     PromptText,
     RequestInfo,
@@ -397,8 +397,13 @@ class PassThroughObserver(StreamObserver):
 
 #: What makes a chat chunk worth parsing once content was seen: a ``usage`` or a
 #: ``finish_reason`` that is not ``null`` (or a key that a byte search cannot see: an
-#: ASCII escape, see may_hide_keys).
-_CHAT_NEEDS_PARSE = re.compile(rb'"(?:usage|finish_reason)"[ \t]*:[ \t]*(?!null)')
+#: ASCII escape, see may_hide_keys). Searched apart, each key's pattern opens with a
+#: literal, the end of the key (see KeyFinder). The possessive blanks keep
+#: ``"usage": null`` from matching with a blank left out.
+_CHAT_NEEDS_PARSE = KeyFinder(
+    rb'"(?:usage|finish_reason)"[ \t]*+:[ \t]*+(?!null)',
+    patterns=(rb'usage"[ \t]*+:[ \t]*+(?!null)', rb'_reason"[ \t]*+:[ \t]*+(?!null)'),
+)
 
 
 def _chat_text(event: Event, text: TextCollector) -> None:
@@ -446,7 +451,7 @@ class ChatStreamObserver(StreamObserver):
             # A content delta with nothing else: skipped unparsed. One data line, so the
             # bytes after a key are the JSON after it (no line break can hide a value).
             raw = event.raw
-            if plain_data_event(raw) and _CHAT_NEEDS_PARSE.search(raw) is None and not may_hide_keys(raw):
+            if plain_data_event(raw) and _CHAT_NEEDS_PARSE.first(raw) < 0 and not may_hide_keys(raw):
                 self._keep(event)
                 return True
         data = event.data
