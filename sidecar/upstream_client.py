@@ -283,6 +283,7 @@ class _Connection(asyncio.Protocol):
         self._response: UpstreamResponse | None = None
         self._head: asyncio.Future[UpstreamResponse] | None = None
         self._headers: list[tuple[str, str]] = []
+        self._body: list[bytes] = []  # body pieces parsed from the current read, not yet handed over
         self._head_bytes = 0
         self._reason = ""
         self._informational = False
@@ -302,11 +303,28 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._deliver()
             self.reusable = False  # a 101: the head was handed over; nothing else is read
         except _Unsolicited:
+            self._deliver()
             self.abort()
         except httptools.HttpParserError as exc:
+            self._deliver()  # the body before the fault reaches the caller, then the fault
             self._broken(str(exc))
+        else:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand the body pieces of this read to the response at once: an upstream that sends
+        each event as an HTTP chunk of its own has the parser call :meth:`on_body` once per
+        event, and the response is fed (and its reader woken) once per read instead."""
+        body = self._body
+        if body:
+            data = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            response = self._response
+            if response is not None:
+                response._feed(data)
 
     def eof_received(self) -> bool | None:
         return None  # close the transport: connection_lost follows
@@ -425,14 +443,13 @@ class _Connection(asyncio.Protocol):
             response._finish()
 
     def on_body(self, body: bytes) -> None:
-        response = self._response
-        if response is not None:
-            response._feed(body)
+        self._body.append(body)  # handed over by _deliver, after the read or at the body's end
 
     def on_message_complete(self) -> None:
         if self._informational:
             self._informational = False
             return
+        self._deliver()
         response = self._response
         self._response = None
         if response is not None:

@@ -210,6 +210,39 @@ async def test_a_chunked_answer_is_dechunked_and_streamed_piece_by_piece() -> No
         assert response.done and client.idle_connections == 1
 
 
+async def test_the_chunks_of_one_read_are_handed_over_as_one_piece() -> None:
+    """An upstream that sends each event as a chunk of its own: the parser calls back once per
+    chunk, and the response is fed once per read, with every byte in order."""
+    events = [b"data: %d\n\n" % i for i in range(20)]
+
+    async def many(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        writer.write(head + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    fed: list[bytes] = []
+    original = UpstreamResponse._feed
+
+    def counting(self: UpstreamResponse, data: bytes) -> None:
+        fed.append(data)
+        original(self, data)
+
+    async with serving(many) as (server, client):
+        UpstreamResponse._feed = counting  # type: ignore[method-assign]
+        try:
+            response = await post(client, server.origin())
+            body = await body_of(response)
+        finally:
+            UpstreamResponse._feed = original  # type: ignore[method-assign]
+    assert body == b"".join(events)
+    assert b"".join(fed) == body
+    # One write of a few hundred bytes arrives in one read on loopback (two at most when the
+    # head was read apart): far fewer pieces than chunks.
+    assert 1 <= len(fed) <= 2
+
+
 async def test_an_answer_delimited_by_close_ends_cleanly_and_is_not_reused() -> None:
     async def until_close(server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
