@@ -553,6 +553,26 @@ def _pct(values: Sequence[float], q: float) -> float:
 # --- summary ----------------------------------------------------------------------------------
 
 
+def paired_ratios(rounds_raw: Sequence[Mapping[str, Any]], concurrency: int) -> dict[str, dict[str, Any]]:
+    """Throughput of each target over the floor's, round by round, at ``concurrency``.
+
+    The targets run one after the other within a round, so a round's ratio compares runs a
+    few seconds apart; on a shared host, where a target's best round and the floor's best
+    round can be minutes apart, the median of these ratios is steadier than the ratio of
+    the two bests (the headline). ``{"target shape": {"ratios": [...], "median": m}}``.
+    """
+    runs = {(r["target"], r["shape"]): r["runs"] for r in rounds_raw if r["concurrency"] == concurrency}
+    out: dict[str, dict[str, Any]] = {}
+    for (name, shape), target_runs in runs.items():
+        floor_runs = runs.get(("floor", shape))
+        if name in ("floor", "direct") or not floor_runs:
+            continue
+        ratios = [t["rps"] / f["rps"] for t, f in zip(target_runs, floor_runs, strict=False) if f["rps"] > 0]
+        if ratios:
+            out[f"{name} {shape}"] = {"ratios": ratios, "median": statistics.median(ratios)}
+    return out
+
+
 def summarise(results: dict[str, Any]) -> None:
     """Add differences to direct, ratios to the floor, the headline and the checks."""
     cells: list[dict[str, Any]] = results["cells"]
@@ -608,6 +628,7 @@ def summarise(results: dict[str, Any]) -> None:
         h["idle_rss_mib"] = mem.get("idle_rss_mib")
         headline[name] = h
     results["headline"] = headline
+    results["paired_c32"] = paired_ratios(results.get("rounds_raw", []), 32)
 
     checks = []
     for name, h in headline.items():
@@ -751,6 +772,13 @@ def table(results: Mapping[str, Any]) -> str:
             f"  {mark} {check['target']:16} {check['check']:34} {_f(check['value'], '>8.2f')}  "
             f"(target {sign} {check['limit']:g})"
         )
+    paired = results.get("paired_c32", {})
+    if any(len(p["ratios"]) > 1 for p in paired.values()):
+        lines.append("  throughput at c=32 round by round (target / floor in the same round; median, range):")
+        for key, p in paired.items():
+            ratios = p["ratios"]
+            spread = f"{min(ratios):.2f} to {max(ratios):.2f}, {len(ratios)} rounds"
+            lines.append(f"    {key:24} {p['median']:.2f}  ({spread})")
     for name, h in results.get("headline", {}).items():
         flat = [f"{k} {v:.2f}" for k, v in h.items() if k.endswith("c128_vs_c1") and v is not None]
         if flat:

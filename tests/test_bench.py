@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import loadgen, wrk
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,3 +49,28 @@ def test_response_parser_at_every_seam() -> None:
 def test_wrk_script_escapes_request_bytes() -> None:
     script = wrk.lua_script([b'POST / HTTP/1.1\r\nX: "a\\b"\r\n\r\n'])
     assert '"POST / HTTP/1.1\\013\\010X: \\034a\\092b\\034\\013\\010\\013\\010"' in script
+
+
+def test_paired_ratios_compare_each_round_with_the_floors_same_round() -> None:
+    from bench.run import paired_ratios
+
+    def cell(target: str, shape: str, rps: list[float], concurrency: int = 32) -> dict[str, object]:
+        return {
+            "target": target,
+            "shape": shape,
+            "concurrency": concurrency,
+            "runs": [{"rps": r} for r in rps],
+        }
+
+    rounds_raw = [
+        cell("direct", "stream", [5000, 5000, 5000]),
+        cell("floor", "stream", [2000, 1000, 1500]),
+        cell("sidecar", "stream", [1800, 1300, 1500]),
+        cell("sidecar", "stream", [9, 9, 9], concurrency=1),  # another concurrency: not paired
+        cell("sidecar", "json", [100]),  # no floor for this shape: left out
+    ]
+    paired = paired_ratios(rounds_raw, 32)
+    assert list(paired) == ["sidecar stream"]
+    assert paired["sidecar stream"]["ratios"] == pytest.approx([0.9, 1.3, 1.0])
+    assert paired["sidecar stream"]["median"] == pytest.approx(1.0)
+    # The ratio of the two best rounds would say 0.9: the best rounds are not the same round.
