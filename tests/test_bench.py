@@ -74,3 +74,14 @@ def test_paired_ratios_compare_each_round_with_the_floors_same_round() -> None:
     assert paired["sidecar stream"]["ratios"] == pytest.approx([0.9, 1.3, 1.0])
     assert paired["sidecar stream"]["median"] == pytest.approx(1.0)
     # The ratio of the two best rounds would say 0.9: the best rounds are not the same round.
+
+
+def test_instructions_per_request_is_the_difference_of_two_runs_over_n() -> None:
+    from bench.instructions import Count, collected
+
+    stderr = "==1== Events    : Ir\n==1== Collected : 3244378049\n==1==\n==1== I   refs:      3,244,378,049\n"
+    assert collected(stderr) == 3_244_378_049
+    with pytest.raises(RuntimeError, match="no instruction count"):
+        collected("valgrind: command not found")
+    # Start-up, warm-up and shutdown are in both totals and cancel out.
+    assert Count(requests=100, first=3_244_378_049, second=3_399_307_784).per_request == 1_549_297.35
