@@ -9,7 +9,10 @@ instructions, every thread included (the event loop, the ledger writer, the rule
 with start-up, warm-up and shutdown cancelled out. Kernel work (system calls, TCP) is not
 counted. Two runs of the same tree agree within about 2 %, where wall-clock CPU per request
 moved by 25 % between rounds on the machine this was written on; compare two trees with
-``--repo``. Each run takes about a minute (valgrind slows the target some fifty times).
+``--repo``. Each run takes about a minute: valgrind slows the target some fifty times, so
+what the sidecar does by the clock (pacing its background threads, slicing the loop's
+work, GIL hand-offs) comes fifty times as often per request, and its count is not
+comparable with the floor's, only with another tree's.
 
 Needs ``valgrind`` (``apt-get install valgrind``); loopback only, bounded in requests.
 """
