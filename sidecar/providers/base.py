@@ -251,11 +251,9 @@ class StreamObserver:
         find = data.find
         count = data.count
         # At once, the events up to the last one that opens before ``stop``: k of them when
-        # there are k blank-line ends, each after a "}" and before the prefix, and no line
-        # break but the prefix's own, the data line's and the blank line's.
-        # k such ends, when each event opens with the prefix and has no other line break,
-        # hold all k * lines line breaks of the run; an event that does not open with the
-        # prefix, or has a line break of its own, only adds line breaks (see _plain_run).
+        # there are k ends "}" + blank line + prefix, and the run holds k * lines line
+        # breaks, no more (an event that does not open with the prefix, or has a line break
+        # of its own, would add some: see _plain_run).
         boundary = data.rfind(b"\n\n" + prefix, pos, stop)
         if boundary > pos:
             end = boundary + 2
@@ -317,14 +315,13 @@ class StreamObserver:
         :attr:`plain_prefix`, one JSON object on the rest of its line and the blank line,
         with no key :attr:`needs_parse` finds and no escape that could hide one, is the
         run of events the subclass would each skip unparsed (see :meth:`_observe`); it is
-        then kept whole, without being cut into events. The structure is proved by
-        counting: ``k`` blank-line ends, ``k - 1`` of them followed by the prefix, and no
-        line break but the prefix's own, the data line's and the blank line's.
-
-        Two counts are enough: with ``k`` ends followed by the prefix, the first event and
-        the ``k`` after those ends open with the prefix, and each of these ``k + 1``
-        events holds at least the prefix's line breaks and its blank line's; the chunk
-        holds exactly that many only when it has no other event and no other line break.
+        then kept whole, without being cut into events. The structure is proved by two
+        counts: with ``k`` ends ``}`` + blank line + prefix in the chunk, the first event
+        and the ``k`` after those ends open with the prefix, and each of these ``k + 1``
+        events holds at least the prefix's line breaks and its blank line's. The chunk
+        holds exactly that many line breaks only when it has no other event and no other
+        line break: ``k + 1`` events, each the prefix, the rest of one line and the blank
+        line.
         """
         prefix = self.plain_prefix
         finder = self.needs_parse
@@ -449,7 +446,6 @@ _CLOSE_BRACE = 0x7D
 _BACKSLASH = 0x5C
 
 
-# A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
 class KeyFinder:
     """Finds the first of a few keys in an event's bytes.
 
@@ -497,6 +493,7 @@ class KeyFinder:
         return first
 
 
+# A JSON escape of a printable ASCII character ("\u0075sage" is "usage").
 _ASCII_ESCAPE = re.compile(rb"\\u00[2-7]")
 
 
