@@ -77,25 +77,14 @@ def _wait_listening(port: int, deadline: float) -> None:
     raise RuntimeError(f"nothing listening on 127.0.0.1:{port}")
 
 
-def _roundtrip(sock: socket.socket, request: bytes) -> None:
-    """Send one request and read its whole answer (Content-Length or chunked)."""
+def _roundtrip(sock: socket.socket, parser: loadgen.ResponseParser, request: bytes) -> None:
+    """Send one request and read its whole answer (framed by the load generator's parser)."""
     sock.sendall(request)
-    buf = b""
     while True:
-        chunk = sock.recv(65536)
-        if not chunk:
+        data = sock.recv(65536)
+        if not data:
             raise RuntimeError("the target closed the connection")
-        buf += chunk
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            continue
-        head = buf[:end].lower()
-        if b"transfer-encoding: chunked" in head:
-            if buf.endswith(b"0\r\n\r\n"):
-                return
-            continue
-        length = re.search(rb"content-length: *(\d+)", head)
-        if length is not None and len(buf) - end - 4 >= int(length.group(1)):
+        if parser.feed(data):
             return
 
 
@@ -132,9 +121,10 @@ def measure_once(
         try:
             _wait_listening(port, time.monotonic() + 300)
             rendered = loadgen.rendered(shape == "stream", f"127.0.0.1:{port}")
+            parser = loadgen.ResponseParser()
             with socket.create_connection(("127.0.0.1", port)) as sock:
                 for i in range(WARMUP + requests):
-                    _roundtrip(sock, rendered[i % len(rendered)])
+                    _roundtrip(sock, parser, rendered[i % len(rendered)])
             time.sleep(3)  # the sinks take the last records
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=300)

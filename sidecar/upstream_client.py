@@ -303,10 +303,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._deliver()
             self.reusable = False  # a 101: the head was handed over; nothing else is read
-        except _Unsolicited:
-            self._deliver()
+        except _Unsolicited:  # the last answer's body was handed over when it completed
             self.abort()
         except httptools.HttpParserError as exc:
             self._deliver()  # the body before the fault reaches the caller, then the fault
