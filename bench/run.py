@@ -65,6 +65,9 @@ LIMITS: dict[str, tuple[float, str]] = {
     # ratio is usually below 1; work that grows with concurrency shows as above it).
     "cpu_per_req_json_c128_vs_c1": (1.10, "max"),
     "cpu_per_req_stream_c128_vs_c1": (1.10, "max"),
+    # Throughput bought by shedding work does not count: every call's record reaches every
+    # sink (llm_sink_dropped_total and llm_ledger_lost_total stay where they were).
+    "records_dropped": (0.0, "max"),
 }
 # Which limits apply to which target (tracing on: cost reported, CPU per request bounded).
 APPLIES: dict[str, tuple[str, ...]] = {
@@ -78,6 +81,7 @@ APPLIES: dict[str, tuple[str, ...]] = {
         "idle_rss_mib",
         "cpu_per_req_json_c128_vs_c1",
         "cpu_per_req_stream_c128_vs_c1",
+        "records_dropped",
     ),
     "sidecar+tracing": (
         "cpu_per_req_json_c32_vs_floor",
@@ -85,6 +89,7 @@ APPLIES: dict[str, tuple[str, ...]] = {
         "idle_rss_mib",
         "cpu_per_req_json_c128_vs_c1",
         "cpu_per_req_stream_c128_vs_c1",
+        "records_dropped",
     ),
 }
 
@@ -245,6 +250,7 @@ def load_run(
     generator's CPU comes from this process's reaped-children usage.
     """
     time.sleep(settings.settle)
+    dropped0 = records_dropped(target)
     cmd = wrk.command(
         settings.loadgen, "127.0.0.1", target.port, stream, connections, settings.duration, workdir
     )
@@ -278,7 +284,30 @@ def load_run(
         "load_core_busy": load_busy,
         "target_core_busy": target_busy,
         "target_core_other": max(0.0, target_busy - target_share),
+        "dropped": records_dropped(target) - dropped0,
     }
+
+
+#: Samples that count a finished call's record lost to a sink: refused by a full queue, or
+#: lost by the ledger (a record spilled to the ledger's journal is not lost).
+DROP_SAMPLES = ("llm_sink_dropped_total", "llm_ledger_lost_total")
+
+
+def records_dropped(target: Target) -> float:
+    """Records the target's sinks dropped so far (0 for a target without an admin listener)."""
+    if target.admin_port is None:
+        return 0.0
+    return dropped_in(http_get(target.admin_port, "/metrics"))
+
+
+def dropped_in(exposition: str) -> float:
+    """The sum of the :data:`DROP_SAMPLES` in a Prometheus text exposition."""
+    total = 0.0
+    for line in exposition.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in DROP_SAMPLES:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def best_cell(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -295,6 +324,7 @@ def best_cell(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
     for key in ("load_core_busy", "upstream_cpu_share", "bench_cpu_share", "target_core_other"):
         out[key] = max(r[key] for r in runs)
     out["errors"] = sum(r["errors"] for r in runs)
+    out["dropped"] = sum(r.get("dropped", 0.0) for r in runs)
     return out
 
 
@@ -626,6 +656,7 @@ def summarise(results: dict[str, Any]) -> None:
         if mem.get("per_stream_kib") is not None and floor_mem.get("per_stream_kib"):
             h["mem_per_stream_vs_floor"] = mem["per_stream_kib"] / floor_mem["per_stream_kib"]
         h["idle_rss_mib"] = mem.get("idle_rss_mib")
+        h["records_dropped"] = sum(c.get("dropped", 0.0) for c in cells if c["target"] == name)
         headline[name] = h
     results["headline"] = headline
     results["paired_c32"] = paired_ratios(results.get("rounds_raw", []), 32)
@@ -696,7 +727,7 @@ def table(results: Mapping[str, Any]) -> str:
     head = (
         f"{'target':16} {'shape':6} {'c':>4} {'req/s':>9} {'xfloor':>6} {'p50 ms':>7} {'p99 ms':>7} "
         f"{'+p50':>6} {'+p99':>6} {'CPU us/req':>10} {'xfloor':>6} {'load core':>9} "
-        f"{'bench':>5} {'other':>5} {'err':>4}"
+        f"{'bench':>5} {'other':>5} {'err':>4} {'drop':>5}"
     )
     lines += [head, "-" * len(head)]
     order = {n: i for i, n in enumerate(TARGETS)}
@@ -713,7 +744,7 @@ def table(results: Mapping[str, Any]) -> str:
             f"{_f(c.get('added_p99_ms'), '>+6.2f', '     -')} "
             f"{c['cpu_us_per_req']:>10.0f} {_f(c.get('cpu_vs_floor'), '>6.2f', '     -')} "
             f"{c['load_core_busy']:>9.0%} {c['bench_cpu_share']:>5.0%} {c['target_core_other']:>5.0%} "
-            f"{c['errors']:>4.0f}"
+            f"{c['errors']:>4.0f} {c.get('dropped', 0.0):>5.0f}"
         )
     lines.append("")
     lines.append(

@@ -52,7 +52,7 @@ from yaml.nodes import Node
 
 from sidecar.ledger import iso_utc
 from sidecar.model import TOKEN_TYPES, CallRecord
-from sidecar.sinks import QueueSink, in_slices
+from sidecar.sinks import QueueSink
 from sidecar.threads import background
 from sidecar.yamlspec import Reader, join
 
@@ -359,7 +359,7 @@ class CallLogSink(QueueSink):
         so a lingered batch of a few hundred never holds the calls in flight.
         """
         lines: list[str] = []
-        async for part in in_slices(records):
+        async for part in self.slices(records):
             lines.extend(map(to_log_line, part))
         lines.append("")
         text = "\n".join(lines)

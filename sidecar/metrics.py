@@ -26,7 +26,7 @@ from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
 from sidecar.model import TOKEN_TYPES, CallRecord
-from sidecar.sinks import QueueSink, in_slices
+from sidecar.sinks import QueueSink
 from sidecar.tenants import TenantCap
 
 #: Latency buckets for LLM calls: tens of milliseconds to ten minutes.
@@ -395,7 +395,7 @@ class MetricsSink(QueueSink):
 
     async def handle(self, records: list[CallRecord]) -> None:
         observe = self.metrics.observe
-        async for part in in_slices(records):
+        async for part in self.slices(records):
             for record in part:
                 observe(record)
 

@@ -46,14 +46,19 @@ class Sink(Protocol):
 BUDGET = 100e-6
 #: Records in the first slice of a batch (later slices are sized from its cost).
 FIRST_SLICE = 4
-#: Most records in one slice, however cheap they are.
+#: Most records in one slice, however cheap they are (while the sink keeps up).
 MAX_SLICE = 256
+#: Records waiting in a sink up to which a slice gets :data:`BUDGET`; past it, the budget
+#: grows in proportion to the backlog.
+BACKLOG_KNEE = 256
 
 
 async def in_slices(
     records: list[CallRecord],
     budget: float = BUDGET,
     clock: Callable[[], float] = time.perf_counter,
+    waiting: Callable[[], int] | None = None,
+    limit: int = 0,
 ) -> AsyncIterator[list[CallRecord]]:
     """``records`` in slices of about ``budget`` seconds of work, yielding to the loop between two.
 
@@ -63,6 +68,16 @@ async def in_slices(
     call waits for at most one slice per turn of the loop. The first slice has
     :data:`FIRST_SLICE` records; each next one is sized from what the last one cost
     (the time the consumer took between two slices), within 1 and :data:`MAX_SLICE`.
+
+    A fixed budget per turn of the loop is a fixed rate: on a loop saturated with calls,
+    each turn finishes more calls than the sink handles in one budget, and its queue
+    fills until records are dropped. So ``waiting`` (optional: how many records wait in
+    the sink's queue, besides the rest of this batch) scales the budget with the backlog:
+    past :data:`BACKLOG_KNEE` records waiting, a slice gets ``budget * backlog / KNEE``
+    (1,000 waiting: ~4 slices' worth). Once the backlog reaches half of ``limit`` (the
+    queue's bound; 0: none) the rest of the batch goes in one slice, and the sink goes on
+    without yielding until it is back under half: calls wait (they are what makes
+    records) rather than have their records dropped.
     """
     start, size, total = 0, FIRST_SLICE, len(records)
     while start < total:
@@ -73,7 +88,15 @@ async def in_slices(
         if start >= total:
             break
         spent = clock() - began
-        size = MAX_SLICE if spent <= 0 else max(1, min(MAX_SLICE, round(budget * len(part) / spent)))
+        share = budget
+        if waiting is not None:
+            backlog = waiting() + total - start
+            if limit and backlog * 2 >= limit:
+                size = total - start  # draining: the rest now, no turn of the loop in between
+                continue
+            share = budget * max(1.0, backlog / BACKLOG_KNEE)
+        cap = MAX_SLICE if share <= budget else total
+        size = cap if spent <= 0 else max(1, min(cap, round(share * len(part) / spent)))
         await asyncio.sleep(0)
 
 
@@ -110,6 +133,11 @@ class QueueSink:
     async def handle(self, records: list[CallRecord]) -> None:
         """Consume one batch (in arrival order)."""
         raise NotImplementedError
+
+    def slices(self, records: list[CallRecord]) -> AsyncIterator[list[CallRecord]]:
+        """:func:`in_slices` of a batch, the budget scaled by this sink's backlog (for a
+        :meth:`handle` that works on the loop)."""
+        return in_slices(records, waiting=self._queue.qsize, limit=self._queue.maxsize)
 
     async def start(self) -> None:
         if self._task is None:

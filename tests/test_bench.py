@@ -30,7 +30,8 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     results = json.loads((tmp_path / "latest.json").read_text())
     cells = {(c["target"], c["shape"]) for c in results["cells"]}
     assert cells == {(t, s) for t in ("direct", "floor", "sidecar") for s in ("json", "stream")}
-    assert all(c["requests"] > 0 and c["errors"] == 0 for c in results["cells"])
+    assert all(c["requests"] > 0 and c["errors"] == 0 and c["dropped"] == 0 for c in results["cells"])
+    assert "records_dropped" in {c["check"] for c in results["checks"] if c["target"] == "sidecar"}
     assert results["memory"]["sidecar"]["streams_held"] == 8
     assert results["features"]["sidecar"]["metrics"] is True
     assert (tmp_path / "latest.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
@@ -74,6 +75,25 @@ def test_paired_ratios_compare_each_round_with_the_floors_same_round() -> None:
     assert paired["sidecar stream"]["ratios"] == pytest.approx([0.9, 1.3, 1.0])
     assert paired["sidecar stream"]["median"] == pytest.approx(1.0)
     # The ratio of the two best rounds would say 0.9: the best rounds are not the same round.
+
+
+def test_dropped_records_are_read_from_the_sinks_counters() -> None:
+    from bench.run import dropped_in
+
+    exposition = "\n".join(
+        [
+            "# HELP llm_sink_dropped_total Records a sink refused",
+            "# TYPE llm_sink_dropped_total counter",
+            'llm_sink_dropped_total{sink="metrics"} 12.0',
+            'llm_sink_dropped_total{sink="calllog"} 3.0',
+            'llm_sink_dropped_created{sink="metrics"} 1.7e+09',
+            "llm_ledger_lost_total 2.0",
+            "llm_ledger_spilled_total 40.0",
+            'llm_requests_total{tenant="a"} 99.0',
+        ]
+    )
+    assert dropped_in(exposition) == 17.0  # spilled to the journal is not lost
+    assert dropped_in("") == 0.0
 
 
 def test_instructions_per_request_is_the_difference_of_two_runs_over_n() -> None:

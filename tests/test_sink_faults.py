@@ -70,6 +70,7 @@ from hardening.support import (
     write_config,
 )
 from sidecar.ledger import DB_NAME, JOURNAL_NAME, Ledger, LedgerSettings, journal_line, to_row
+from sidecar.metrics import Metrics, MetricsSink, iter_samples
 from sidecar.mock_upstream import start_mock_upstream
 from sidecar.model import CallRecord, Usage
 from tests.harness import make_config, running_sidecar
@@ -616,3 +617,75 @@ async def test_a_large_batch_is_handled_in_slices_that_let_the_loop_serve_calls(
     assert order[0] == FIRST_SLICE and order[1] == "other"  # the loop ran something right after the first
     assert await consume(1e-3, 6) == [FIRST_SLICE, 1, 1]  # dearer than the budget: one at a time
     assert await consume(0.0, 600) == [FIRST_SLICE, MAX_SLICE, MAX_SLICE, 84]  # free: capped
+
+
+async def test_slices_grow_with_the_backlog_and_a_sink_near_its_bound_drains_without_yielding() -> None:
+    """A fixed budget per turn of the loop is a fixed rate; past BACKLOG_KNEE records waiting
+    a slice's budget grows in proportion, and at half the queue's bound the rest of the batch
+    is handled before the loop runs anything else."""
+    from sidecar.sinks import BACKLOG_KNEE, FIRST_SLICE, in_slices
+
+    now = [0.0]
+    order: list[object] = []
+
+    async def other() -> None:
+        for _ in range(50):
+            order.append("other")
+            await asyncio.sleep(0)
+
+    async def consume(count: int, waiting: int, limit: int) -> list[int]:
+        sizes = []
+        slices = in_slices(
+            [None] * count,  # type: ignore[list-item]
+            budget=100e-6,
+            clock=lambda: now[0],
+            waiting=lambda: waiting,
+            limit=limit,
+        )
+        async for part in slices:
+            sizes.append(len(part))
+            order.append(len(part))
+            now[0] += 10e-6 * len(part)
+        return sizes
+
+    # Nothing else waiting: 100 µs of 10 µs records, as without a backlog.
+    assert await consume(45, 0, 10_000) == [FIRST_SLICE, 10, 10, 10, 10, 1]
+    # 4 * KNEE waiting besides the batch: ~4x the budget per slice (the rest of the batch counts too).
+    sizes = await consume(200, 4 * BACKLOG_KNEE, 10_000)
+    assert sizes[0] == FIRST_SLICE and all(size >= 40 for size in sizes[1:-1]), sizes
+    assert sum(sizes) == 200
+    # At half the bound: the first slice, then the whole rest, with no turn of the loop between.
+    order.clear()
+    sizes, _ = await asyncio.gather(consume(200, 5_000, 10_000), other())
+    assert sizes == [FIRST_SLICE, 200 - FIRST_SLICE]
+    assert order[:2] == [FIRST_SLICE, 200 - FIRST_SLICE]
+
+
+async def test_the_metrics_sink_keeps_up_with_a_saturated_loop_and_drops_nothing() -> None:
+    """Calls that keep the loop busy and finish faster than one slice a turn handles: the
+    metrics sink's queue must not fill and drop records (it counted every call before;
+    with a fixed budget per turn it fell behind at 32 and 128 concurrent streams)."""
+    registry = CollectorRegistry()
+    sink = MetricsSink(Metrics(registry), maxsize=300)
+    await sink.start()
+    turns, per_turn = 300, 30
+    dropped = 0
+
+    async def calls() -> None:  # the proxy's work: a few hundred µs a turn, 30 calls finished
+        nonlocal dropped
+        for turn in range(turns):
+            until = time.perf_counter() + 300e-6
+            while time.perf_counter() < until:
+                pass
+            for n in range(per_turn):
+                dropped += not sink.offer(rec(turn * per_turn + n, tenant=f"t{n % 10}"))
+            await asyncio.sleep(0)
+
+    try:
+        await asyncio.wait_for(asyncio.gather(calls(), calls()), 120)
+        await asyncio.wait_for(sink._queue.join(), 60)
+    finally:
+        await sink.stop(5)
+    assert dropped == 0
+    counted = sum(v for _, v in iter_samples(registry, "llm_requests_total"))
+    assert counted == 2 * turns * per_turn
