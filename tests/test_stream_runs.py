@@ -4,16 +4,21 @@ Under load an upstream's events arrive several to a read. A run of content delta
 need no parsing is kept whole (not cut into events); everything the observer reports
 must be what it reports when the same events arrive one by one, and a run holding
 anything that needs parsing must take the slow path.
+
+After the first content an observer gathers what it is fed and reads it in bulk
+(``DEFERRED_BYTES``); the tests of how one piece is read set that to 0, so each piece is
+read as it comes, and the last tests check the gathering itself.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
-from sidecar.providers import SHAPES, Shape
-from sidecar.providers.base import ResponseInfo
+from sidecar.providers import SHAPES, Shape, base
+from sidecar.providers.base import DEFERRED_BYTES, ResponseInfo
 
 CHAT = SHAPES[("openai", "chat")]
 MESSAGES = SHAPES[("anthropic", "messages")]
@@ -58,6 +63,19 @@ MSG_TAIL = [
     messages_event("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 8}}),
     messages_event("message_stop", {}),
 ]
+
+
+@pytest.fixture(autouse=True)
+def each_piece_read_as_it_comes(request: pytest.FixtureRequest) -> Iterator[None]:
+    if "gathered" in request.node.name:
+        yield
+        return
+    saved = base.DEFERRED_BYTES
+    base.DEFERRED_BYTES = 0
+    try:
+        yield
+    finally:
+        base.DEFERRED_BYTES = saved
 
 
 def run(shape: Shape, chunks: list[bytes]) -> tuple[bytes, ResponseInfo, list[object]]:
@@ -184,3 +202,61 @@ def test_kept_events_and_runs_past_the_budget_keep_the_text_in_order() -> None:
     assert any(isinstance(k, bytes) for k in kept) and any(not isinstance(k, bytes) for k in kept)
     words = "".join(f" w{i}" for i in range(6))
     assert info.output_text == "Hello" + words * 2 * rounds
+
+
+# -- gathered after the first content ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "head", "words", "tail"),
+    [(CHAT, [CHAT_HEAD], CHAT_WORDS, CHAT_TAIL), (MESSAGES, MSG_HEAD, MSG_WORDS, MSG_TAIL)],
+    ids=["chat", "messages"],
+)
+def test_pieces_after_the_first_content_are_gathered_and_read_at_close_with_the_same_result(
+    shape: Shape, head: list[bytes], words: list[bytes], tail: list[bytes]
+) -> None:
+    events = [*head, *words, *tail]
+    observer = shape.stream_observer(False)
+    for event in head:
+        assert observer.feed(event) == event
+    assert observer.saw_content  # the first token is timed from the piece that brought it
+    for event in [*words, *tail]:
+        assert observer.feed(event) == event  # forwarded unchanged, at once
+    assert observer._deferred == [*words, *tail]  # nothing read yet: no usage so far
+    assert observer._usage.is_empty() or shape is MESSAGES  # (Anthropic reports input at the start)
+    assert observer.close() == b""
+    info = observer.result()
+    saved = base.DEFERRED_BYTES
+    base.DEFERRED_BYTES = 0
+    try:
+        _, expected, _ = run(shape, events)
+    finally:
+        base.DEFERRED_BYTES = saved
+    assert info == expected and info.output_text == expected.output_text
+    assert not info.usage.is_empty() and info.finish_reasons and info.complete
+
+
+def test_gathered_pieces_are_read_once_they_reach_the_bound() -> None:
+    """Memory per stream stays bounded: at DEFERRED_BYTES the gathered pieces are read."""
+    observer = CHAT.stream_observer(False)
+    observer.feed(CHAT_HEAD)
+    fed = 0
+    for i in range(3 * DEFERRED_BYTES // len(CHAT_WORDS[0])):
+        word = CHAT_WORDS[i % len(CHAT_WORDS)]
+        observer.feed(word)
+        fed += len(word)
+        assert observer._deferred_bytes < DEFERRED_BYTES
+    assert fed > 2 * DEFERRED_BYTES and observer._kept  # read in bulk on the way
+    for event in CHAT_TAIL:
+        observer.feed(event)
+    observer.close()
+    assert observer.result().usage.get("output") == 9
+
+
+def test_a_stripped_stream_is_not_gathered() -> None:
+    """With its usage chunk stripped, what is forwarded depends on each event: read at once."""
+    observer = CHAT.stream_observer(True)
+    assert observer.feed(CHAT_HEAD) == CHAT_HEAD
+    assert observer.feed(CHAT_WORDS[0]) == CHAT_WORDS[0]
+    assert observer.feed(CHAT_USAGE) == b""  # the injected usage chunk, stripped as it comes
+    assert observer._deferred == []

@@ -29,6 +29,9 @@ MAX_OUTPUT_CHARS = 1_000_000
 #: Past this, the text of later events is extracted as they arrive (see
 #: :class:`StreamObserver`), so memory per stream stays bounded.
 MAX_KEPT_BYTES = 256 * 1024
+#: Bytes a forwarded stream's observer gathers, once content was seen, before it reads them
+#: (see :meth:`StreamObserver.feed`); :meth:`StreamObserver.close` reads the rest.
+DEFERRED_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,24 +162,55 @@ class StreamObserver:
         self._kept: list[Event | bytes] = []  # content events (or runs of them), in order, for the text
         self._kept_bytes = 0
         self._late: TextCollector | None = None  # text of content events past MAX_KEPT_BYTES
+        self._deferred: list[bytes] = []  # bytes fed since content was seen, not read yet
+        self._deferred_bytes = 0
 
     def feed(self, data: bytes) -> bytes:
-        """Observe the next decompressed bytes; return the bytes to forward (see class doc)."""
+        """Observe the next decompressed bytes; return the bytes to forward (see class doc).
+
+        A stream forwarded as it is (``strip_usage_chunk`` False) is only read for the
+        record, and after the first content nothing of it is wanted before the end (the
+        proxy reads :attr:`saw_content` to time the first token; usage, the finish reasons
+        and the text come with :meth:`result`). So from then on the bytes fed are gathered
+        and read :data:`DEFERRED_BYTES` at a time, and the rest by :meth:`close`: a stream
+        that trickles in one event per piece is read in a few large pieces, which costs a
+        quarter less than reading each piece (``python -m bench.observers``).
+        """
         if self._closed:
             return b"" if self.strip_usage_chunk else data
         if not self.strip_usage_chunk:
-            if self.saw_content and self._plain_run(data):
-                self._keep(data)  # the usual chunk of a stream that trickles in: one content event
-            elif data.find(b"\n\n") < len(data) - 2:
-                self._watch(data)  # several events (or part of one)
-            else:
-                observe = self._observe
-                for event in self._decoder.feed(data):
-                    observe(event, False)
+            if self.saw_content:
+                self._deferred.append(data if type(data) is bytes else bytes(data))
+                self._deferred_bytes += len(data)
+                if self._deferred_bytes >= DEFERRED_BYTES:
+                    self._read_deferred()
+                return data
+            self._read(data)
             return data
         events = self._decoder.feed(data)
         observe = self._observe
         return b"".join([event.raw for event in events if observe(event, False)])
+
+    def _read_deferred(self) -> None:
+        """Read the bytes gathered since content was seen (see :meth:`feed`)."""
+        if not self._deferred:
+            return
+        deferred = self._deferred
+        data = deferred[0] if len(deferred) == 1 else b"".join(deferred)
+        self._deferred = []
+        self._deferred_bytes = 0
+        self._read(data)
+
+    def _read(self, data: bytes) -> None:
+        """Observe bytes of a stream forwarded as it is."""
+        if self.saw_content and self._plain_run(data):
+            self._keep(data)  # a run of content events: kept whole, unparsed
+        elif data.find(b"\n\n") < len(data) - 2:
+            self._watch(data)  # several events (or part of one)
+        else:
+            observe = self._observe
+            for event in self._decoder.feed(data):
+                observe(event, False)
 
     def _watch(self, data: bytes) -> None:
         """Observe the next bytes of a stream forwarded as it is.
@@ -277,6 +311,7 @@ class StreamObserver:
         """
         if self._closed:
             return b""
+        self._read_deferred()
         self._closed = True
         events = self._decoder.flush()
         kept = [event.raw for event in events if self._observe(event, final=True)]
@@ -284,6 +319,7 @@ class StreamObserver:
 
     def result(self) -> ResponseInfo:
         """Everything observed so far (call after :meth:`close` for the final figures)."""
+        self._read_deferred()
         late = self._late.value() if self._late is not None else ""
         text: str | Callable[[], str] = late
         if self._kept:
