@@ -75,8 +75,9 @@ async def in_slices(
     the sink's queue, besides the rest of this batch) scales the budget with the backlog:
     past :data:`BACKLOG_KNEE` records waiting, a slice gets ``budget * backlog / KNEE``
     (1,000 waiting: ~4 slices' worth). Once the backlog reaches half of ``limit`` (the
-    queue's bound; 0: none) the rest of the batch goes in one slice, and the sink goes on
-    without yielding until it is back under half: calls wait (they are what makes
+    queue's bound; 0: none) the rest of the batch goes in one slice, with no turn of the
+    loop in between; a sink whose worker awaits nothing else (metrics) then takes its next
+    batch at once too, until it is back under half: calls wait (they are what makes
     records) rather than have their records dropped.
     """
     start, size, total = 0, FIRST_SLICE, len(records)
