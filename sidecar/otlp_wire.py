@@ -418,8 +418,12 @@ def _scope_parts(scope: InstrumentationScope | None) -> tuple[bytes, bytes]:
     return _cached_parts(_SCOPES, scope, build)
 
 
-def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
+def encode_spans(spans: Sequence[ReadableSpan], pace: Callable[[], None] | None = None) -> bytes:
     """The serialized ``ExportTraceServiceRequest`` of ``spans``, as the official encoder makes it.
+
+    ``pace`` (optional) is called before each span: the export thread's
+    :class:`sidecar.threads.Pacer`, so that encoding a batch of a few hundred spans never
+    holds the GIL for milliseconds while the event loop waits for it.
 
     One ResourceSpans per distinct resource and, within it, one ScopeSpans per distinct
     scope, in the order first seen; "distinct" is by equality, as in the official
@@ -432,6 +436,8 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     # The (resource, scope) pairs of objects by their ids, holding the objects so the ids stay theirs.
     pairs: dict[tuple[int, int], tuple[Resource, InstrumentationScope | None]] = {}
     for span in spans:
+        if pace is not None:
+            pace()
         resource = span.resource
         scope = span.instrumentation_scope or None
         ids = (id(resource), id(scope))

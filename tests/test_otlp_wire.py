@@ -180,6 +180,13 @@ def test_sidecar_batch() -> None:
     assert_same(spans)  # again, from the caches
 
 
+def test_a_pace_is_called_before_each_span_and_changes_nothing() -> None:
+    spans = [to_span(rec, SIDECAR_RESOURCE) for rec in SIDECAR_RECORDS.values()]
+    calls: list[int] = []
+    assert encode_spans(spans, lambda: calls.append(1)) == encode_spans(spans)
+    assert len(calls) == len(spans)
+
+
 # -- every field of a span -------------------------------------------------------------------------
 
 

@@ -225,6 +225,51 @@ async def test_http_export_sends_the_wire_encoding(http_receiver: tuple[HttpRece
     _assert_linked(_spans(receiver.requests), settings.service_name)
 
 
+async def test_the_span_processors_thread_runs_below_the_loop_and_other_exporting_threads_do_not(
+    http_receiver: tuple[HttpReceiver, int],
+) -> None:
+    """The SDK's batch processor thread encodes and sends spans: on its first export it lowers
+    its priority like the sidecar's own background threads (and paces itself between spans);
+    a thread that merely calls export (a flush, this test) keeps its priority."""
+    import os
+    import threading
+
+    from sidecar.threads import BACKGROUND_NICE
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    main = nice()
+    receiver, port = http_receiver
+    settings = TracingSettings(
+        enabled=True, endpoint=f"http://127.0.0.1:{port}/v1/traces", schedule_delay=0.05
+    )
+    sink = TracingSink(settings, CollectorRegistry())
+    earlier = set(threading.enumerate())
+    await sink.start()
+    try:
+        assert sink.offer(JSON_CALL)
+        async with asyncio.timeout(10):
+            await receiver.arrived.wait()
+        processors = [t for t in set(threading.enumerate()) - earlier if t.name.startswith("OtelBatch")]
+        assert processors and all(t.native_id is not None for t in processors)
+        assert {os.getpriority(os.PRIO_PROCESS, t.native_id or 0) for t in processors} == {
+            min(19, main + BACKGROUND_NICE)
+        }
+    finally:
+        await sink.stop(5.0)
+    assert nice() == main  # the loop's thread is untouched
+
+    exporter = build_exporter(settings)
+    resource = build_resource(settings)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        before = await asyncio.wrap_future(pool.submit(nice))
+        await asyncio.wrap_future(pool.submit(exporter.export, [to_span(STREAM_CALL, resource)]))
+        after = await asyncio.wrap_future(pool.submit(nice))
+    await asyncio.to_thread(exporter.shutdown)
+    assert before == after == main
+
+
 class GrpcReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
