@@ -663,8 +663,8 @@ async def test_slices_grow_with_the_backlog_and_a_sink_near_its_bound_drains_wit
 
 async def test_the_metrics_sink_keeps_up_with_a_saturated_loop_and_drops_nothing() -> None:
     """Calls that keep the loop busy and finish faster than one slice a turn handles: the
-    metrics sink's queue must not fill and drop records (it counted every call before;
-    with a fixed budget per turn it fell behind at 32 and 128 concurrent streams)."""
+    metrics sink's queue must not fill and drop records. With a fixed budget per turn it
+    did, in the benchmark at 32 and 128 concurrent streams."""
     registry = CollectorRegistry()
     sink = MetricsSink(Metrics(registry), maxsize=300)
     await sink.start()
