@@ -131,6 +131,10 @@ class QueueSink:
         """Records queued and not yet handled."""
         return self._queue.qsize()
 
+    async def drained(self) -> None:
+        """Return once every record offered so far has been handled (queued and in-flight)."""
+        await self._queue.join()
+
     async def handle(self, records: list[CallRecord]) -> None:
         """Consume one batch (in arrival order)."""
         raise NotImplementedError

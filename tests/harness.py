@@ -28,6 +28,9 @@ class Collect(QueueSink):
         super().__init__(maxsize=100_000)
         self.records: list[CallRecord] = []
         self.arrived = asyncio.Event()
+        #: The other queue sinks of the pipeline: :meth:`wait_for` also waits until they
+        #: handled what they were offered, so a test reads metrics after the last record.
+        self.peers: list[QueueSink] = []
 
     async def handle(self, records: list[CallRecord]) -> None:
         self.records.extend(records)
@@ -39,6 +42,8 @@ class Collect(QueueSink):
             while len(self.records) < count:
                 self.arrived.clear()
                 await self.arrived.wait()
+            for peer in self.peers:
+                await peer.drained()
         return self.records
 
 
@@ -66,6 +71,8 @@ async def running_sidecar(
     collect = Collect()
     sidecar = Sidecar(cfg, registry=CollectorRegistry(), extra_sinks=[collect], alerting=alerting)
     await sidecar.start()
+    assert sidecar.pipeline is not None
+    collect.peers = [s for s in sidecar.pipeline.sinks if isinstance(s, QueueSink) and s is not collect]
     try:
         yield sidecar, collect
     finally:

@@ -683,9 +683,45 @@ async def test_the_metrics_sink_keeps_up_with_a_saturated_loop_and_drops_nothing
 
     try:
         await asyncio.wait_for(asyncio.gather(calls(), calls()), 120)
-        await asyncio.wait_for(sink._queue.join(), 60)
+        await asyncio.wait_for(sink.drained(), 60)
     finally:
         await sink.stop(5)
     assert dropped == 0
     counted = sum(v for _, v in iter_samples(registry, "llm_requests_total"))
     assert counted == 2 * turns * per_turn
+
+
+async def test_the_test_collector_returns_only_once_its_peer_sinks_handled_their_records() -> None:
+    """Tests read metrics right after ``Collect.wait_for``: it must wait for the other sinks
+    too, or a metrics sink still in its last slice reads one call short (seen in CI:
+    9,999 of 10,000 requests counted, none dropped)."""
+    from sidecar.model import CallRecord as Record
+    from sidecar.sinks import QueueSink
+    from tests.harness import Collect
+
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    class Slow(QueueSink):
+        name = "slow"
+
+        async def handle(self, records: list[Record]) -> None:
+            await release.wait()
+            handled.extend(r.request_id for r in records)
+
+    slow, collect = Slow(), Collect()
+    collect.peers = [slow]
+    await slow.start()
+    await collect.start()
+    try:
+        for i in range(3):
+            assert slow.offer(rec(i)) and collect.offer(rec(i))
+        waiting = asyncio.create_task(collect.wait_for(3, timeout=10))
+        await asyncio.sleep(0.05)
+        assert len(collect.records) == 3 and not waiting.done()
+        release.set()
+        await asyncio.wait_for(waiting, 5)
+        assert handled == ["req-0", "req-1", "req-2"]
+    finally:
+        await slow.stop(1)
+        await collect.stop(1)
