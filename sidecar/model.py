@@ -82,7 +82,15 @@ class Usage:
 
     def is_empty(self) -> bool:
         """True when no field was reported at all."""
-        return all(getattr(self, name) is None for name in self.__slots__)
+        # Spelled out: a generator over the slots cost 1 % of the event loop per call (py-spy).
+        return (
+            self.input is None
+            and self.cached_input is None
+            and self.cache_write is None
+            and self.cache_write_1h is None
+            and self.output is None
+            and self.reasoning is None
+        )
 
     def merged_over(self, base: Usage) -> Usage:
         """Fields of ``self`` where set, else those of ``base`` (later events win)."""

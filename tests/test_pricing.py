@@ -373,3 +373,12 @@ def test_prices_are_hashable() -> None:
     price = table(TIERED).models["m"]
     assert hash(price) == hash(dataclasses.replace(price))
     assert {pricing.PriceMatch("m", price, "exact")}
+
+
+def test_usage_is_empty_only_when_no_field_is_reported() -> None:
+    """``is_empty`` names each field (it runs once per call): a field added to ``Usage``
+    and not to it would make a call that reports only that field look unreported."""
+    assert Usage().is_empty()
+    for field in dataclasses.fields(Usage):
+        for value in (0, 7):
+            assert not Usage(**{field.name: value}).is_empty(), field.name
