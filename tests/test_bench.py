@@ -105,3 +105,21 @@ def test_instructions_per_request_is_the_difference_of_two_runs_over_n() -> None
         collected("valgrind: command not found")
     # Start-up, warm-up and shutdown are in both totals and cancel out.
     assert Count(requests=100, first=3_244_378_049, second=3_399_307_784).per_request == 1_549_297.35
+
+
+def test_the_rule_engine_figures_count_the_work_of_a_tick() -> None:
+    """Ring reads depend on the series (tenants x rules), not on the calls; the buckets a
+    tick sums are at most 60 per read; the counting wrapper is removed afterwards."""
+    from bench import rules_engine
+    from sidecar.rules.windows import Ring
+
+    totals = Ring.totals
+    figures = rules_engine.measure(cases=((2, 300), (2, 1200), (4, 300)))
+    assert figures["available"] and Ring.totals is totals
+    few, more, wider = figures["cases"]
+    assert few["ring_reads_per_tick"] == more["ring_reads_per_tick"] > 0
+    assert wider["ring_reads_per_tick"] > few["ring_reads_per_tick"]
+    for case in figures["cases"]:
+        assert 0 < case["buckets_per_tick"] <= 60 * case["ring_reads_per_tick"]
+    assert more["buckets_per_tick"] >= few["buckets_per_tick"]
+    assert "ring reads" in rules_engine.table(figures)
