@@ -195,8 +195,7 @@ class StreamObserver:
         """Read the bytes gathered since content was seen (see :meth:`feed`)."""
         if not self._deferred:
             return
-        deferred = self._deferred
-        data = deferred[0] if len(deferred) == 1 else b"".join(deferred)
+        data = b"".join(self._deferred)  # one piece: that piece itself, not a copy
         self._deferred = []
         self._deferred_bytes = 0
         self._read(data)
