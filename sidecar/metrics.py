@@ -4,7 +4,8 @@ Adapter over ``prometheus_client``; the registry is passed in (tests use a fresh
 ``CollectorRegistry()``). :class:`Metrics` owns the metric objects; :class:`MetricsSink`
 turns each finished :class:`~sidecar.model.CallRecord` into counter and histogram
 updates from the pipeline's queue, off the request path. Only ``llm_inflight_requests``
-is updated on the request path itself (a gauge must be live).
+is updated on the request path itself (a gauge must be live): a plain integer per
+upstream (:class:`Cell`), read at scrape time.
 
 Cost is accumulated as exact ``Decimal`` per label set and converted to a float only
 when scraped, so it equals the ledger's sum.
@@ -20,7 +21,7 @@ from decimal import Decimal
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
@@ -99,6 +100,48 @@ class _Counter:
         return family
 
 
+class Cell:
+    """One series of a :class:`_Gauge`: its ``value``, changed in place by its one writer."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+class _Gauge:
+    """A labelled gauge kept as plain numbers (see :class:`_Counter`): :meth:`labels` gives
+    the series' :class:`Cell`, which the event loop adds to and subtracts from.
+
+    ``prometheus_client.Gauge`` takes a lock and checks its labels on every ``inc`` and
+    ``dec``; ``llm_inflight_requests`` changes twice per call on the request path, and only
+    ever on the event loop.
+    """
+
+    __slots__ = ("cells", "doc", "labelnames", "name")
+
+    def __init__(self, name: str, doc: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = tuple(labelnames)
+        self.cells: dict[tuple[str, ...], Cell] = {}
+
+    def labels(self, *values: str) -> Cell:
+        """The series of these label values (created at 0 on first use)."""
+        cell = self.cells.get(values)
+        if cell is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes {len(self.labelnames)} label values, got {len(values)}")
+            cell = self.cells[values] = Cell()
+        return cell
+
+    def family(self) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(self.name, self.doc, labels=self.labelnames)
+        for labels, cell in list(self.cells.items()):
+            family.add_metric(labels, float(cell.value))
+        return family
+
+
 class _Series:
     """One histogram series: a count per bucket (not cumulative), the sum, the last exemplar per bucket."""
 
@@ -169,7 +212,7 @@ class _CallCollector(Collector):
     same text.
     """
 
-    def __init__(self, metrics: Sequence[_Counter | _Histogram]) -> None:
+    def __init__(self, metrics: Sequence[_Counter | _Histogram | _Gauge]) -> None:
         self.metrics = tuple(metrics)
 
     def collect(self) -> Iterable[Metric]:
@@ -180,6 +223,8 @@ class _CallCollector(Collector):
         for metric in self.metrics:
             if isinstance(metric, _Counter):
                 yield CounterMetricFamily(metric.name, metric.doc, labels=metric.labelnames)
+            elif isinstance(metric, _Gauge):
+                yield GaugeMetricFamily(metric.name, metric.doc, labels=metric.labelnames)
             else:
                 yield HistogramMetricFamily(metric.name, metric.doc, labels=metric.labelnames)
 
@@ -244,7 +289,8 @@ class Metrics:
             ["tenant", "reason"],
             registry=registry,
         )
-        self.inflight = Gauge("llm_inflight_requests", "Calls in flight", ["upstream"], registry=registry)
+        self.inflight = _Gauge("llm_inflight_requests", "Calls in flight", ["upstream"])
+        registry.register(_CallCollector((self.inflight,)))
         self.unpriced = Counter(
             "llm_unpriced_requests_total",
             "Calls to a model with no price",

@@ -36,7 +36,7 @@ from yarl import URL
 from sidecar import tracecontext
 from sidecar.config import Config, UpstreamConfig
 from sidecar.http_server import InvalidBody, Request, Response
-from sidecar.metrics import Metrics
+from sidecar.metrics import Cell, Metrics
 from sidecar.model import CallRecord, CapturedContent, GatewayEvent, UpstreamAttempt, Usage
 from sidecar.pipeline import EstimateRequest, Pipeline
 from sidecar.providers import ResponseInfo, Shape, StreamObserver, detect
@@ -464,7 +464,7 @@ class Proxy:
         self.gateway: Gateway | None = None
         #: Longest wait for the next piece of a request body (seconds).
         self.body_read_timeout = BODY_READ_TIMEOUT
-        self._inflight: dict[str, Any] = {}  # upstream name -> its llm_inflight_requests child
+        self._inflight: dict[str, Cell] = {}  # upstream name -> its llm_inflight_requests series
 
     # -- entry point --------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -727,7 +727,7 @@ class Proxy:
         inflight = self._inflight.get(route.name)
         if inflight is None:
             inflight = self._inflight[route.name] = self.metrics.inflight.labels(route.name)
-        inflight.inc()
+        inflight.value += 1
         LOAD.calls += 1
         t0 = perf_counter()
         model = target.model if target is not None else None
@@ -808,7 +808,7 @@ class Proxy:
             finally:
                 upstream.release()
         finally:
-            inflight.dec()
+            inflight.value -= 1
             LOAD.calls -= 1
             if not recorded:
                 attempted("aborted")  # cancelled while waiting for the answer (client gone, shutdown)

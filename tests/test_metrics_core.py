@@ -1,5 +1,5 @@
-"""The per-call metrics are plain-number counters and histograms (sidecar.metrics): they must
-expose exactly what prometheus_client's own Counter and Histogram expose for the same
+"""The per-call metrics are plain-number counters, histograms and gauges (sidecar.metrics): they
+must expose exactly what prometheus_client's own Counter, Histogram and Gauge expose for the same
 observations, in both exposition formats, since dashboards and rules read that text."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as _generate_openmetrics
 
-from sidecar.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, _CallCollector, _Counter, _Histogram
+from sidecar.metrics import LATENCY_BUCKETS, OVERHEAD_BUCKETS, _CallCollector, _Counter, _Gauge, _Histogram
 
 # Every bucket edge exactly (le is inclusive), values between edges, beyond the last, and zero.
 EDGES = [0.0, *OVERHEAD_BUCKETS, *LATENCY_BUCKETS]
@@ -57,9 +57,36 @@ def test_counter_exposes_what_prometheus_client_exposes() -> None:
     assert normalise(generate_openmetrics(ours).decode()) == normalise(generate_openmetrics(theirs).decode())
 
 
+def test_gauge_exposes_what_prometheus_client_exposes() -> None:
+    theirs, ours = CollectorRegistry(), CollectorRegistry()
+    reference = Gauge("llm_inflight_requests", "doc", ["upstream"], registry=theirs)
+    gauge = _Gauge("llm_inflight_requests", "doc", ["upstream"])
+    ours.register(_CallCollector((gauge,)))
+    for i in range(60):  # up by two and down by one, on three series; one series back at zero
+        upstream = ("a", "b", "c")[i % 3]
+        if upstream == "c" and i % 2:
+            reference.labels(upstream).dec()
+            gauge.labels(upstream).value -= 1
+        else:
+            reference.labels(upstream).inc(2 if upstream != "c" else 1)
+            gauge.labels(upstream).value += 2 if upstream != "c" else 1
+    assert gauge.labels("c").value == 0 and gauge.labels("a").value == 40
+    assert normalise(generate_latest(ours).decode()) == normalise(generate_latest(theirs).decode())
+    assert normalise(generate_openmetrics(ours).decode()) == normalise(generate_openmetrics(theirs).decode())
+
+
+def test_gauge_refuses_the_wrong_number_of_label_values() -> None:
+    gauge = _Gauge("g", "doc", ["upstream"])
+    with pytest.raises(ValueError, match="g takes 1 label values, got 2"):
+        gauge.labels("a", "b")
+    assert gauge.cells == {}
+
+
 def test_empty_metrics_still_have_their_help_and_type() -> None:
     registry = CollectorRegistry()
-    registry.register(_CallCollector((_Counter("c", "doc", ["x"]), _Histogram("h", "doc", ["x"], (1.0,)))))
+    metrics = (_Counter("c", "doc", ["x"]), _Histogram("h", "doc", ["x"], (1.0,)), _Gauge("g", "doc", ["x"]))
+    registry.register(_CallCollector(metrics))
     text = generate_latest(registry).decode()
     assert "# TYPE c_total counter" in text
     assert "# TYPE h histogram" in text
+    assert "# TYPE g gauge" in text
