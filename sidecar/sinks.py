@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
@@ -106,6 +107,10 @@ class QueueSink:
 
     Subclasses implement :meth:`handle`; blocking work inside it must go through
     ``asyncio.to_thread`` (or an executor) so the loop never waits on it.
+
+    The queue is a plain deque, offered to and drained on the event loop only: an
+    ``asyncio.Queue`` costs six Python calls per record (the put, the get and
+    ``task_done``, each with its checks and wake-ups), on every call and for every sink.
     """
 
     name = "sink"
@@ -114,26 +119,41 @@ class QueueSink:
     linger = 0.0
 
     def __init__(self, maxsize: int = 10_000, batch: int = 256) -> None:
-        self._queue: asyncio.Queue[CallRecord] = asyncio.Queue(maxsize)
+        if maxsize < 1 or batch < 1:
+            raise ValueError(f"a sink needs maxsize and batch of at least 1, got {maxsize} and {batch}")
+        self._records: deque[CallRecord] = deque()
+        self._maxsize = maxsize
         self._batch = batch
+        self._taken = 0  # records the worker has taken and not handled yet
+        self._ready: asyncio.Future[None] | None = None  # what the idle worker waits on
+        self._drain_waiters: list[asyncio.Future[None]] = []
         self._task: asyncio.Task[None] | None = None
         self.failures = 0  # batches whose handle() raised
 
     def offer(self, record: CallRecord) -> bool:
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
+        records = self._records
+        if len(records) >= self._maxsize:
             return False
+        records.append(record)
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            if not ready.done():
+                ready.set_result(None)
         return True
 
     @property
     def pending(self) -> int:
-        """Records queued and not yet handled."""
-        return self._queue.qsize()
+        """Records queued and not yet taken by the worker (the batch in its hands is not counted)."""
+        return len(self._records)
 
     async def drained(self) -> None:
         """Return once every record offered so far has been handled (queued and in-flight)."""
-        await self._queue.join()
+        if not self._records and not self._taken:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
 
     async def handle(self, records: list[CallRecord]) -> None:
         """Consume one batch (in arrival order)."""
@@ -142,21 +162,23 @@ class QueueSink:
     def slices(self, records: list[CallRecord]) -> AsyncIterator[list[CallRecord]]:
         """:func:`in_slices` of a batch, the budget scaled by this sink's backlog (for a
         :meth:`handle` that works on the loop)."""
-        return in_slices(records, waiting=self._queue.qsize, limit=self._queue.maxsize)
+        return in_slices(records, waiting=self._records.__len__, limit=self._maxsize)
 
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"sink:{self.name}")
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        records = self._records
         while True:
-            first = await self._queue.get()
-            batch = [first]
-            while len(batch) < self._batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except asyncio.QueueEmpty:
-                    break
+            if not records:
+                ready = self._ready = loop.create_future()
+                await ready
+                continue
+            count = min(len(records), self._batch)
+            batch = [records.popleft() for _ in range(count)]
+            self._taken = count
             try:
                 await self.handle(batch)
             except asyncio.CancelledError:
@@ -165,8 +187,12 @@ class QueueSink:
                 self.failures += 1
                 log.exception("sink %s failed on a batch of %d records", self.name, len(batch))
             finally:
-                for _ in batch:
-                    self._queue.task_done()
+                self._taken = 0
+                if not records and self._drain_waiters:
+                    waiters, self._drain_waiters = self._drain_waiters, []
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
             if self.linger and len(batch) < self._batch // 4:
                 await asyncio.sleep(self.linger)
 
@@ -175,7 +201,7 @@ class QueueSink:
         if self._task is None:
             return
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._queue.join(), timeout)
+            await asyncio.wait_for(self.drained(), timeout)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -725,3 +725,47 @@ async def test_the_test_collector_returns_only_once_its_peer_sinks_handled_their
     finally:
         await slow.stop(1)
         await collect.stop(1)
+
+
+async def test_a_queue_sink_refuses_past_its_bound_and_hands_batches_in_order() -> None:
+    """The sink's own queue (a deque, not an asyncio.Queue): bounded, batches of at most
+    ``batch`` records in arrival order, room again once the worker took a batch, and a
+    failing batch counted without stopping the worker."""
+    from sidecar.model import CallRecord as Record
+    from sidecar.sinks import QueueSink
+
+    batches: list[list[str]] = []
+    gate = asyncio.Event()
+
+    class Gated(QueueSink):
+        name = "gated"
+
+        async def handle(self, records: list[Record]) -> None:
+            await gate.wait()
+            batches.append([r.request_id for r in records])
+            if records[0].request_id == "req-3":
+                raise RuntimeError("a bug in a sink")
+
+    with pytest.raises(ValueError, match="at least 1"):
+        Gated(maxsize=0)
+    sink = Gated(maxsize=5, batch=3)
+    assert [sink.offer(rec(i)) for i in range(6)] == [True] * 5 + [False]  # full before the worker runs
+    assert sink.pending == 5
+    await sink.start()
+    try:
+        await asyncio.sleep(0.01)  # the worker took the first batch and waits on the gate
+        assert sink.pending == 2
+        assert [sink.offer(rec(i)) for i in range(6, 10)] == [True, True, True, False]
+        draining = asyncio.create_task(sink.drained())
+        await asyncio.sleep(0.01)
+        assert not draining.done()  # records are queued and a batch is in hand
+        gate.set()
+        await asyncio.wait_for(draining, 5)
+        assert batches == [["req-0", "req-1", "req-2"], ["req-3", "req-4", "req-6"], ["req-7", "req-8"]]
+        assert sink.failures == 1 and sink.pending == 0
+        await asyncio.wait_for(sink.drained(), 1)  # nothing outstanding: at once
+        assert sink.offer(rec(10))  # the worker, idle, wakes for the next record
+        await asyncio.wait_for(sink.drained(), 5)
+        assert batches[-1] == ["req-10"]
+    finally:
+        await sink.stop(1)
