@@ -852,6 +852,48 @@ def test_loads_answers_as_json_loads_does(text: str) -> None:
     assert repr(got) == repr(expected)  # repr: NaN is not equal to itself
 
 
+BODY_EDGES = [
+    b'{"a": 1}\r\n\t ',  # JSON whitespace after the value
+    b'{"a": 1}\x0c',  # whitespace to str.strip, not to JSON
+    b'{"a": 1} x',
+    b"{",
+    b"{}",
+    b'{"a": "\xed\xa0\x80"}',  # a lone surrogate: json.loads decodes with surrogatepass
+    b'{"a": "\xff"}',  # not UTF-8
+    *(
+        b'{"a": 1}'.decode().encode(codec)
+        for codec in ("utf-8-sig", "utf-16", "utf-16-le", "utf-32", "utf-32-le")
+    ),
+]
+
+
+def body_answers_as_json_loads_does(body: bytes) -> None:
+    from sidecar.providers.base import _INVALID, loads
+
+    try:
+        expected: object = json.loads(body)
+    except ValueError:
+        expected = _INVALID
+    assert repr(loads(body)) == repr(expected)  # repr: NaN is not equal to itself
+
+
+@given(
+    body=json_values.map(lambda v: json.dumps(v, indent=2).encode() + b"\n")
+    | json_values.map(lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8"))
+    | json_values.map(lambda v: json.dumps(v).encode("utf-16-le"))
+    | st.binary(max_size=40).map(lambda b: b"{" + b)
+    | st.binary(max_size=40)
+)
+def test_loads_of_a_body_answers_as_json_loads_does(body: bytes) -> None:
+    """Bodies are bytes: those starting with ``{`` take the C scanner directly (see loads)."""
+    body_answers_as_json_loads_does(body)
+
+
+@pytest.mark.parametrize("body", BODY_EDGES + [path.read_bytes() for path in sorted(FIXTURES.glob("*.json"))])
+def test_loads_of_edge_and_recorded_bodies_answers_as_json_loads_does(body: bytes) -> None:
+    body_answers_as_json_loads_does(body)
+
+
 # -- KeyFinder: key by key in long data finds the event the one pattern finds ----------------------
 
 FINDER_PIECES = [

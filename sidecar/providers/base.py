@@ -623,21 +623,39 @@ _scan: Callable[[str, int], tuple[object, int]] = json.JSONDecoder().scan_once  
 def loads(data: bytes | str) -> object:
     """``json.loads`` that returns a sentinel (never a dict) instead of raising.
 
-    A string that holds one JSON value and nothing else (an event's data, as a rule) goes
-    straight to the C scanner, without ``json.loads``'s Python layers; anything else
-    (bytes, blanks around the value, no value at all) takes ``json.loads``, with its
-    errors.
+    A value with nothing but JSON whitespace after it goes straight to the C scanner,
+    without ``json.loads``'s Python layers (its encoding detection, ``decode`` and
+    ``raw_decode``): a string that starts with the value (an event's data, as a rule), and
+    bytes that start with ``{`` and a byte other than NUL, which ``json.loads`` would
+    decode as UTF-8 (a request or response body, as a rule: ``{"model": ...`` or OpenAI's
+    ``{\n  "id": ...}\n``). Anything else (other bytes, blanks before the value, no value
+    at all, more after it) takes ``json.loads``, with its errors.
     """
-    if isinstance(data, str):
+    text = data
+    if not isinstance(text, str):
+        if text[:1] != b"{" or text[1:2] == b"\x00":
+            return _json_loads(data)
         try:
-            value, end = _scan(data, 0)
-        except StopIteration:  # no value at the start: a blank, a BOM, nothing
-            pass
-        except (ValueError, RecursionError):
+            text = text.decode("utf-8", "surrogatepass")  # what json.loads does with it
+        except UnicodeDecodeError:
             return _INVALID
-        else:
-            if end == len(data):
-                return value
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:  # no value at the start: a blank, a BOM, nothing
+        pass
+    except (ValueError, RecursionError):
+        return _INVALID
+    else:
+        if end == len(text) or not text[end:].strip(_JSON_WHITESPACE):
+            return value
+    return _json_loads(data)
+
+
+#: What ``json.loads`` skips around a value (its ``WHITESPACE`` pattern).
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def _json_loads(data: bytes | str) -> object:
     try:
         return json.loads(data)
     except (ValueError, RecursionError):
