@@ -627,9 +627,9 @@ def loads(data: bytes | str) -> object:
     without ``json.loads``'s Python layers (its encoding detection, ``decode`` and
     ``raw_decode``): a string that starts with the value (an event's data, as a rule), and
     bytes that start with ``{`` and a byte other than NUL, which ``json.loads`` would
-    decode as UTF-8 (a request or response body, as a rule: ``{"model": ...`` or OpenAI's
-    ``{\n  "id": ...}\n``). Anything else (other bytes, blanks before the value, no value
-    at all, more after it) takes ``json.loads``, with its errors.
+    decode as UTF-8 (a request or response body, as a rule, OpenAI's pretty-printed ones
+    with their final newline included). Anything else (other bytes, blanks before the
+    value, no value at all, more after it) takes ``json.loads``, with its errors.
     """
     text = data
     if not isinstance(text, str):
