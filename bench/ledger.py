@@ -7,6 +7,8 @@ database, and prints the CPU time per row of the ledger's writer thread (user + 
 the thread's own CPU clock: what py-spy attributes to the ledger in ``bench.profile``) and of
 the offering thread (the event loop's share: :meth:`Ledger.offer`), plus the wall time the
 writer spent per batch. Repeat it (``--runs``): the machine's other work shows as spread.
+``--rows-before N`` fills the database with N rows first: the cost in a ledger that has grown
+(request ids are random, as the proxy makes them, so an index on them would show here).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import random
 import sys
 import tempfile
 import threading
@@ -21,7 +24,9 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from sidecar.ledger import Ledger, LedgerSettings
+from sidecar.ledger import DB_NAME, Ledger, LedgerSettings
+from sidecar.ledger._schema import to_values
+from sidecar.ledger._store import Store
 from sidecar.model import CallRecord, Usage
 
 BASE = CallRecord(
@@ -63,10 +68,13 @@ ANTHROPIC = dataclasses.replace(
 )
 
 
-def records(count: int) -> list[CallRecord]:
+def records(count: int, seed: int = 0, days_before: float = 0.0) -> list[CallRecord]:
     """``count`` distinct records as the benchmark's load makes them: OpenAI and Anthropic calls
     alternately (their rows have different columns empty), a stream every third call (the others
-    have no time to first token), ten tenants, 1 % upstream errors (no usage, an estimate)."""
+    have no time to first token), ten tenants, 1 % upstream errors (no usage, an estimate), and
+    random request ids, as the proxy makes them when a client sends none (``seed`` picks them);
+    two calls per millisecond, from ``days_before`` days before the benchmark's usual start."""
+    rng = random.Random(seed)
     out: list[CallRecord] = []
     for i in range(count):
         error = i % 100 == 0
@@ -75,9 +83,9 @@ def records(count: int) -> list[CallRecord]:
         out.append(
             dataclasses.replace(
                 base,
-                request_id=f"req-{i:08x}",
-                started_at=base.started_at + i * 0.0005,
-                finished_at=base.finished_at + i * 0.0005,
+                request_id=f"{rng.getrandbits(128):032x}",
+                started_at=base.started_at + i * 0.0005 - days_before * 86400,
+                finished_at=base.finished_at + i * 0.0005 - days_before * 86400,
                 tenant=f"tenant-{i % 10:04d}",
                 stream=stream,
                 ttft_s=0.2 if stream else None,
@@ -95,10 +103,29 @@ def _thread_cpu(thread: threading.Thread) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
 
-async def run_once(count: int, rate: float, settings: LedgerSettings) -> dict[str, float]:
-    """One run: ``count`` records offered at ``rate`` per second; the figures of the run."""
+def prefill(directory: Path, count: int) -> None:
+    """``count`` rows in the ledger database of ``directory`` before a run (earlier calls, with
+    other request ids): the cost of a ledger that has grown."""
+    store = Store(directory / DB_NAME, synchronous="normal")
+    try:
+        done = 0
+        while done < count:
+            part = records(min(10_000, count - done), seed=1 + done, days_before=30 - done * 0.0005 / 86400)
+            store.insert_values([to_values(r, f"prefill-{done + i:x}") for i, r in enumerate(part)])
+            done += len(part)
+    finally:
+        store.close()
+
+
+async def run_once(
+    count: int, rate: float, settings: LedgerSettings, rows_before: int = 0
+) -> dict[str, float]:
+    """One run: ``count`` records offered at ``rate`` per second, into a ledger that holds
+    ``rows_before`` rows already; the figures of the run."""
     batch = records(count)
     with tempfile.TemporaryDirectory(prefix="bench-ledger-") as tmp:
+        if rows_before:
+            await asyncio.to_thread(prefill, Path(tmp), rows_before)
         ledger = Ledger(settings, Path(tmp))
         await ledger.start()
         writer = next(t for t in threading.enumerate() if t.name == "sidecar-ledger-writer")
@@ -137,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=10_000, help="records per run (default 10000)")
     parser.add_argument("--rate", type=float, default=2000.0, help="records per second (default 2000)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--rows-before", type=int, default=0, help="rows in the database before each run (a grown ledger)"
+    )
     parser.add_argument("--synchronous", choices=("full", "normal"), default="full")
     args = parser.parse_args(argv)
     settings = LedgerSettings(synchronous=args.synchronous)
-    results = [asyncio.run(run_once(args.rows, args.rate, settings)) for _ in range(args.runs)]
+    results = [
+        asyncio.run(run_once(args.rows, args.rate, settings, args.rows_before)) for _ in range(args.runs)
+    ]
     print(
-        f"ledger: {args.rows} rows at {args.rate:.0f}/s, synchronous={args.synchronous}, "
-        f"{args.runs} runs (CPU us per row)"
+        f"ledger: {args.rows} rows at {args.rate:.0f}/s into {args.rows_before} rows, "
+        f"synchronous={args.synchronous}, {args.runs} runs (CPU us per row)"
     )
     for key in ("writer_us_per_row", "offer_us_per_row", "rows_per_batch"):
         values = sorted(r[key] for r in results)

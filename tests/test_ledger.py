@@ -439,6 +439,45 @@ def test_route_and_variant_are_kept_and_an_older_ledger_is_migrated(tmp_path: Pa
     assert (back.route, back.variant) == ("chat", "candidate")
 
 
+def test_request_ids_are_not_indexed_and_a_call_is_found_by_its_request_id_and_time(tmp_path: Path) -> None:
+    """Random request ids in an index made every batch rewrite a page per row (the writer's
+    cost grew with the table): a ledger written before loses that index, its rows stay, and
+    the documented lookup (request id and time) goes through the ``epoch`` index."""
+    from sidecar.ledger._schema import DDL, to_row
+    from sidecar.ledger._store import Store
+
+    path = tmp_path / "ledger.sqlite3"
+    conn = sqlite3.connect(path)
+    for statement in (s for s in DDL if not s.startswith("DROP")):  # the table and calls_epoch
+        conn.execute(statement)
+    conn.execute("CREATE INDEX calls_request_id ON calls (request_id)")  # as written before
+    old = to_row(dataclasses.replace(BASE, request_id="req-old"), "old")
+    conn.execute(
+        f"INSERT INTO calls ({', '.join(old)}) VALUES ({', '.join('?' for _ in old)})", list(old.values())
+    )
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+
+    store = Store(path)
+    try:
+        new = dataclasses.replace(BASE, request_id="req-new", started_at=BASE.started_at + 60)
+        assert store.insert([to_row(new, "new")]).new == 1
+        indexes = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "calls_request_id" not in indexes and "calls_epoch" in indexes
+        lookup = "SELECT call_id FROM calls WHERE epoch BETWEEN ? AND ? AND request_id = ?"
+        plan = " ".join(str(r[-1]) for r in store.conn.execute("EXPLAIN QUERY PLAN " + lookup, (0, 0, "")))
+        assert "USING INDEX calls_epoch" in plan, plan
+        for request_id, started, call_id in (
+            ("req-old", BASE.started_at, "old"),
+            ("req-new", new.started_at, "new"),
+        ):
+            found = store.conn.execute(lookup, (started - 1, started + 1, request_id)).fetchall()
+            assert found == [(call_id,)]
+    finally:
+        store.close()
+
+
 async def test_a_disabled_ledger_writes_nothing_and_does_not_gate_readiness(
     tmp_path: Path, replay_upstream: Any
 ) -> None:

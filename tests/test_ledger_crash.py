@@ -154,7 +154,11 @@ DISK_FULL_CHILD = CHILD_PRELUDE + textwrap.dedent(
         await ledger.flush()
         db_size = (data_dir / "ledger.sqlite3").stat().st_size
         wal_size = (data_dir / "ledger.sqlite3-wal").stat().st_size
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max(db_size, wal_size) + 4096, hard))
+        # The limit holds the database files where they are, or a little further, and leaves the
+        # journal room for the few hundred lines spilled below (it is a file too: at the size of a
+        # small database, it would be refused before the database is).
+        limit = max(db_size, wal_size, 256 * 1024) + 4096
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
         i = 100
         while ledger.status().write_errors == 0 and i < 200_000:
             ledger.offer(record(i))

@@ -132,12 +132,21 @@ _TYPES: dict[str, str] = {
 }
 
 #: The table and its indexes (idempotent).
+#:
+#: Indexed: ``call_id`` (unique; it grows in order within a process) and ``epoch`` (calls
+#: come in time order). Not indexed: ``request_id``, usually 128 random bits, so each of a
+#: batch's rows lands on another leaf page of its index, and every commit wrote those pages
+#: again: the writer's cost per row grew with the table (SQLite alone, 500-row batches:
+#: 8 µs per row over the first 50,000 rows, 18 µs at 200,000, where it stays near 5 µs
+#: without that index). A call is found by its request id and its time (``epoch BETWEEN ?
+#: AND ? AND request_id = ?``, through ``calls_epoch``). Ledgers written before lose the
+#: index when the writer opens them (an older sidecar makes it again: the table is the same).
 DDL: tuple[str, ...] = (
     "CREATE TABLE IF NOT EXISTS calls (\n  id INTEGER PRIMARY KEY,\n  "
     + ",\n  ".join(f"{column} {_TYPES.get(column, 'TEXT')}" for column in COLUMNS)
     + "\n)",
     "CREATE INDEX IF NOT EXISTS calls_epoch ON calls (epoch)",
-    "CREATE INDEX IF NOT EXISTS calls_request_id ON calls (request_id)",
+    "DROP INDEX IF EXISTS calls_request_id",
 )
 
 #: Inserts one row given as :func:`row_values` (positional: binding every value by name
