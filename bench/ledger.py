@@ -68,12 +68,12 @@ ANTHROPIC = dataclasses.replace(
 )
 
 
-def records(count: int, seed: int = 0, days_before: float = 0.0) -> list[CallRecord]:
+def records(count: int, seed: int = 0, shift: float = 0.0) -> list[CallRecord]:
     """``count`` distinct records as the benchmark's load makes them: OpenAI and Anthropic calls
     alternately (their rows have different columns empty), a stream every third call (the others
     have no time to first token), ten tenants, 1 % upstream errors (no usage, an estimate), and
     random request ids, as the proxy makes them when a client sends none (``seed`` picks them);
-    two calls per millisecond, from ``days_before`` days before the benchmark's usual start."""
+    two calls per millisecond, from ``shift`` seconds after the benchmark's usual start."""
     rng = random.Random(seed)
     out: list[CallRecord] = []
     for i in range(count):
@@ -84,8 +84,8 @@ def records(count: int, seed: int = 0, days_before: float = 0.0) -> list[CallRec
             dataclasses.replace(
                 base,
                 request_id=f"{rng.getrandbits(128):032x}",
-                started_at=base.started_at + i * 0.0005 - days_before * 86400,
-                finished_at=base.finished_at + i * 0.0005 - days_before * 86400,
+                started_at=base.started_at + shift + i * 0.0005,
+                finished_at=base.finished_at + shift + i * 0.0005,
                 tenant=f"tenant-{i % 10:04d}",
                 stream=stream,
                 ttft_s=0.2 if stream else None,
@@ -110,7 +110,7 @@ def prefill(directory: Path, count: int) -> None:
     try:
         done = 0
         while done < count:
-            part = records(min(10_000, count - done), seed=1 + done, days_before=30 - done * 0.0005 / 86400)
+            part = records(min(10_000, count - done), seed=1 + done, shift=done * 0.0005 - 30 * 86400)
             store.insert_values([to_values(r, f"prefill-{done + i:x}") for i, r in enumerate(part)])
             done += len(part)
     finally:

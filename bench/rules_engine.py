@@ -16,7 +16,6 @@ more as calls fill them (at 1,000 tenants: 20 calls per tenant leave most empty)
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from decimal import Decimal
@@ -98,7 +97,7 @@ def _work_of_a_tick(engine: Any, now: float) -> tuple[int, int]:
     totals = Ring.totals
 
     def counting(ring: Ring, at: float) -> list[float]:
-        newest = math.floor(at / ring.step)
+        newest = ring._epoch(at)
         counted[0] += 1
         counted[1] += sum(1 for epoch in ring._epochs if newest - ring._slots < epoch <= newest)
         return totals(ring, at)
