@@ -123,3 +123,44 @@ def test_the_rule_engine_figures_count_the_work_of_a_tick() -> None:
         assert 0 < case["buckets_per_tick"] <= 60 * case["ring_reads_per_tick"]
     assert more["buckets_per_tick"] >= few["buckets_per_tick"]
     assert "ring reads" in rules_engine.table(figures)
+
+
+def test_feature_variants_switch_off_what_they_name(tmp_path: Path) -> None:
+    from bench.features import VARIANTS, variant_text
+    from sidecar.calllog import LogSettings
+    from sidecar.config import load_file
+    from sidecar.ledger import LedgerSettings
+
+    source = ROOT / "bench" / "sidecar.yaml"
+    env = {"BENCH_UPSTREAM_URL": "http://127.0.0.1:9"}
+    seen: dict[str, tuple[bool, bool, int]] = {}
+    for name, _, sections in VARIANTS:
+        path = tmp_path / f"{name}.yaml"  # elsewhere than the source: its rule paths must still resolve
+        path.write_text(variant_text(source, sections))
+        config = load_file(path, env=env)
+        logs = config.logs or LogSettings()  # an absent section: its defaults
+        ledger = config.ledger or LedgerSettings()
+        assert config.rules is not None
+        assert [u.name for u in config.upstreams] == ["openai", "anthropic"]
+        assert all(f.is_absolute() and f.exists() for f in config.rules.files)
+        seen[name] = (logs.enabled, ledger.enabled, len(config.rules.files))
+    assert seen["full"] == (True, True, 1)
+    assert seen["no-calllog"] == (False, True, 1)
+    assert seen["no-ledger"] == (True, False, 1)
+    assert seen["no-rules"] == (True, True, 0)
+    assert seen["bare"] == (False, False, 0)
+
+
+def test_feature_costs_are_paired_round_by_round() -> None:
+    from bench.features import paired_costs
+
+    cpu = {"full": [400.0, 800.0, 420.0], "no-ledger": [380.0, 700.0, 410.0], "floor": [300.0, 500.0, 340.0]}
+    costs = paired_costs(cpu)
+    assert set(costs) == {"no-ledger", "floor"}
+    assert (costs["no-ledger"].median_us, costs["no-ledger"].low_us, costs["no-ledger"].high_us) == (
+        20,
+        10,
+        100,
+    )
+    # The difference of the medians would say 420 - 410 = 10: the slow round is one round for both.
+    assert costs["floor"].median_us == 100

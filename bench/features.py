@@ -1,0 +1,210 @@
+"""What each default feature costs under load: the sidecar with one feature switched off at a time.
+
+``python -m bench.features`` starts the mock upstream, the floor, and the sidecar five times
+over, pinned as ``make bench`` pins them: the default deployment (``full``, from
+``bench/sidecar.yaml``), the same without the call log, without the ledger, without the
+rules, and with none of the three (``bare``: forwarding, usage extraction, pricing and
+metrics only). Each round runs a bounded load against every target in turn (a different
+one first each round) and reads the target's CPU time over the run.
+
+A feature's cost is the CPU per request of ``full`` minus that of the variant without it,
+taken round by round and then the median: on a shared machine the CPU per request of the
+same process moves by up to 2x between rounds, and two targets measured back to back in
+the same round move together more than apart. Costs of the three features need not add up
+to ``full - bare``: the sinks share the event loop and the interpreter lock.
+
+Needs what ``make bench`` needs (wrk, or ``--loadgen python``); loopback only; every load
+run bounded in time. Not a test and not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import loadgen
+from bench import run as bench_run
+
+#: Variants of the config: name, what is switched off, and the sections that do it.
+VARIANTS: tuple[tuple[str, str, Mapping[str, Any]], ...] = (
+    ("full", "nothing: the default deployment", {}),
+    ("no-calllog", "the call log", {"logs": {"enabled": False}}),
+    ("no-ledger", "the usage ledger", {"ledger": {"enabled": False}}),
+    ("no-rules", "the rules (engine with no rule files)", {"rules": {"files": []}}),
+    (
+        "bare",
+        "call log, ledger and rules",
+        {"logs": {"enabled": False}, "ledger": {"enabled": False}, "rules": {"files": []}},
+    ),
+)
+
+
+def variant_text(config: Path, sections: Mapping[str, Any]) -> str:
+    """The config at ``config`` with ``sections`` laid over its top-level keys (each merged
+    into the file's own mapping of that name), rule files made absolute so that the text
+    can be written anywhere."""
+    data = yaml.safe_load(config.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{config}: not a mapping")
+    rules = data.get("rules")
+    if isinstance(rules, dict) and isinstance(rules.get("files"), list):
+        rules["files"] = [str((config.parent / f).resolve()) for f in rules["files"]]
+    for key, overlay in sections.items():
+        own = data.get(key)
+        data[key] = {**own, **overlay} if isinstance(own, dict) else dict(overlay)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The median difference of CPU per request, round by round, and its range."""
+
+    median_us: float
+    low_us: float
+    high_us: float
+
+
+def paired_costs(cpu: Mapping[str, Sequence[float]], base: str = "full") -> dict[str, Cost]:
+    """For each other target, ``base``'s CPU per request minus its own, in the same round
+    (the lists are per round, in round order), as a median and a range."""
+    out: dict[str, Cost] = {}
+    for name, values in cpu.items():
+        if name == base:
+            continue
+        diffs = [b - v for b, v in zip(cpu[base], values, strict=True)]
+        out[name] = Cost(statistics.median(diffs), min(diffs), max(diffs))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m bench.features``."""
+    parser = argparse.ArgumentParser(prog="python -m bench.features", description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="json,stream", help="json,stream (default both)")
+    parser.add_argument("--concurrency", type=int, default=32, help="clients (default 32)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5, max 20)")
+    parser.add_argument(
+        "--duration", type=float, default=3.0, help="seconds per load run (default 3, max 30)"
+    )
+    parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    parser.add_argument("--config", type=Path, default=bench_run.DEFAULT_CONFIG, help="the full config")
+    args = parser.parse_args(argv)
+    settings = bench_run.parse_args(["--loadgen", args.loadgen, "--settle", "0.5", "--skip-rule-engine"])
+    settings = replace(
+        settings,
+        duration=max(0.2, min(args.duration, 30.0)),
+        rounds=max(1, min(args.rounds, 20)),
+        shapes=tuple(s for s in args.shapes.split(",") if s in ("json", "stream")),
+    )
+    conc = max(1, min(args.concurrency, 1024))
+    cores = bench_run.choose_cores()
+    workdir = Path(tempfile.mkdtemp(prefix="llm-sidecar-features-"))
+    py = sys.executable
+    started: list[bench_run.Target] = []
+    say = bench_run.say
+    try:
+        say(f"pinning: {cores.note}; load generator: {settings.loadgen_label}")
+        upstream, found = bench_run.start(
+            "upstream",
+            [py, "-m", "bench.upstream"],
+            cores.load,
+            r"upstream on http://[\d.]+:(\d+) pids=([\d,]+)",
+            workdir,
+        )
+        upstream.pids = [int(p) for p in found.group(2).split(",")]
+        started.append(upstream)
+        url = f"http://127.0.0.1:{upstream.port}"
+        targets: dict[str, bench_run.Target] = {}
+        targets["floor"], _ = bench_run.start(
+            "floor",
+            [py, "-m", "bench.floor", "--upstream", url],
+            cores.target,
+            r"floor on http://[\d.]+:(\d+)",
+            workdir,
+        )
+        started.append(targets["floor"])
+        ready = r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics"
+        for name, _, sections in VARIANTS:
+            path = workdir / f"{name}.yaml"
+            path.write_text(variant_text(args.config, sections))
+            cmd = [py, "-m", "sidecar", "run", "--config", str(path), "--listen", "127.0.0.1:0"]
+            cmd += ["--admin-listen", "127.0.0.1:0", "--data-dir", str(workdir / f"{name}-data")]
+            env = bench_run.clean_env(BENCH_UPSTREAM_URL=url)
+            target, found = bench_run.start(name, cmd, cores.target, ready, workdir, env)
+            target.admin_port = int(found.group(2))
+            targets[name] = target
+            started.append(target)
+        addresses = {name: ("127.0.0.1", t.port) for name, t in targets.items()}
+        for stream in (False, True):
+            for name, res in loadgen.probe(addresses, stream, settings.warmup).items():
+                if res.errors:
+                    raise bench_run.BenchError(f"{name} failed {res.errors} warm-up requests")
+
+        cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
+        rps: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
+        dropped = dict.fromkeys(targets, 0.0)
+        for index, order in enumerate(bench_run.rotations(list(targets), settings.rounds), 1):
+            for shape in settings.shapes:
+                for name in order:
+                    figures = bench_run.load_run(
+                        settings, cores, targets[name], [upstream], shape == "stream", conc, workdir
+                    )
+                    if figures["errors"]:
+                        raise bench_run.BenchError(f"{name}: {figures['errors']:.0f} failed requests")
+                    cpu[shape][name].append(figures["cpu_us_per_req"])
+                    rps[shape][name].append(figures["rps"])
+                    dropped[name] += figures["dropped"]
+            say(f"round {index}/{settings.rounds} done")
+        print(report(cpu, rps, dropped, conc, settings.rounds), flush=True)
+        return 0
+    except bench_run.BenchError as exc:
+        say(f"bench.features failed: {exc} (logs in {workdir})")
+        return 1
+    finally:
+        for target in reversed(started):
+            bench_run.stop(target)
+
+
+def report(
+    cpu: Mapping[str, Mapping[str, Sequence[float]]],
+    rps: Mapping[str, Mapping[str, Sequence[float]]],
+    dropped: Mapping[str, float],
+    concurrency: int,
+    rounds: int,
+) -> str:
+    """The table: per shape and target, the best round's req/s, the median CPU per request,
+    and what switching features off saves (full minus the variant, round by round)."""
+    what = {name: off for name, off, _ in VARIANTS}
+    lines: list[str] = []
+    for shape, by_target in cpu.items():
+        costs = paired_costs(by_target)
+        full = statistics.median(by_target["full"])
+        lines.append(f"\n{shape}, c={concurrency}, {rounds} rounds: CPU us per request of the target process")
+        lines.append(
+            f"{'target':11} {'req/s':>7} {'CPU us/req':>10}  {'saves vs full (median, range)':32} off"
+        )
+        for name, values in by_target.items():
+            saved = ""
+            if name in costs and name != "floor":
+                c = costs[name]
+                saved = f"{c.median_us:6.0f} ({c.median_us / full:4.0%})  {c.low_us:5.0f} to {c.high_us:5.0f}"
+            elif name == "floor":
+                saved = f"{'(full - floor)':>15} {costs['floor'].median_us:6.0f}"
+            lines.append(
+                f"{name:11} {max(rps[shape][name]):7.0f} {statistics.median(values):10.0f}  {saved:32} "
+                f"{what.get(name, 'the bare aiohttp pass-through')}"
+            )
+    lost = {n: d for n, d in dropped.items() if d}
+    lines.append(f"\nrecords dropped by the sinks: {lost or 'none'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
