@@ -164,3 +164,26 @@ def test_feature_costs_are_paired_round_by_round() -> None:
     )
     # The difference of the medians would say 420 - 410 = 10: the slow round is one round for both.
     assert costs["floor"].median_us == 100
+
+
+def test_sinks_bench_counts_every_record_and_the_threads_that_handle_it() -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.sinks",
+        "--records",
+        "1000",
+        "--rounds",
+        "1",
+        "--variants",
+        "full,bare",
+    ]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[2:]}
+    assert set(rows) == {"full", "bare"}
+    full, bare = ([float(x) for x in rows[name]] for name in ("full", "bare"))
+    # Columns: loop, ledger, rules, calllog, other, all, all - bare. The bare variant runs no
+    # ledger writer and no rule engine, so its threads show none of their time.
+    assert bare[1] == bare[2] == 0.0 and bare[6] == 0.0
+    assert full[5] > bare[5] > 0.0
