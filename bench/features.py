@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -106,41 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     conc = max(1, min(args.concurrency, 1024))
     cores = bench_run.choose_cores()
     workdir = Path(tempfile.mkdtemp(prefix="llm-sidecar-features-"))
-    py = sys.executable
     started: list[bench_run.Target] = []
     say = bench_run.say
     try:
         say(f"pinning: {cores.note}; load generator: {settings.loadgen_label}")
-        upstream, found = bench_run.start(
-            "upstream",
-            [py, "-m", "bench.upstream"],
-            cores.load,
-            r"upstream on http://[\d.]+:(\d+) pids=([\d,]+)",
-            workdir,
-        )
-        upstream.pids = [int(p) for p in found.group(2).split(",")]
+        upstream = bench_run.start_upstream(cores.load, workdir)
         started.append(upstream)
         url = f"http://127.0.0.1:{upstream.port}"
-        targets: dict[str, bench_run.Target] = {}
-        targets["floor"], _ = bench_run.start(
-            "floor",
-            [py, "-m", "bench.floor", "--upstream", url],
-            cores.target,
-            r"floor on http://[\d.]+:(\d+)",
-            workdir,
-        )
+        targets: dict[str, bench_run.Target] = {"floor": bench_run.start_floor(url, cores.target, workdir)}
         started.append(targets["floor"])
-        ready = r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics"
         for name, _, sections in VARIANTS:
             path = workdir / f"{name}.yaml"
             path.write_text(variant_text(args.config, sections))
-            cmd = [py, "-m", "sidecar", "run", "--config", str(path), "--listen", "127.0.0.1:0"]
-            cmd += ["--admin-listen", "127.0.0.1:0", "--data-dir", str(workdir / f"{name}-data")]
-            env = bench_run.clean_env(BENCH_UPSTREAM_URL=url)
-            target, found = bench_run.start(name, cmd, cores.target, ready, workdir, env)
-            target.admin_port = int(found.group(2))
-            targets[name] = target
-            started.append(target)
+            targets[name] = bench_run.start_sidecar(name, path, url, cores.target, workdir)
+            started.append(targets[name])
         addresses = {name: ("127.0.0.1", t.port) for name, t in targets.items()}
         for stream in (False, True):
             for name, res in loadgen.probe(addresses, stream, settings.warmup).items():

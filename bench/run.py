@@ -193,6 +193,45 @@ def start(
     )
 
 
+def start_upstream(core: int | None, logdir: Path, workers: int = 1) -> Target:
+    """The mock upstream (``workers`` processes), its pids filled in."""
+    target, found = start(
+        "upstream",
+        [sys.executable, "-m", "bench.upstream", "--workers", str(workers)],
+        core,
+        r"upstream on http://[\d.]+:(\d+) pids=([\d,]+)",
+        logdir,
+    )
+    target.pids = [int(p) for p in found.group(2).split(",")]
+    return target
+
+
+def start_floor(upstream_url: str, core: int | None, logdir: Path) -> Target:
+    """The floor (``bench/floor.py``) in front of ``upstream_url``."""
+    target, _ = start(
+        "floor",
+        [sys.executable, "-m", "bench.floor", "--upstream", upstream_url],
+        core,
+        r"floor on http://[\d.]+:(\d+)",
+        logdir,
+    )
+    return target
+
+
+def start_sidecar(
+    name: str, config: Path, upstream_url: str, core: int | None, logdir: Path, **env: str
+) -> Target:
+    """``llm-sidecar run`` with ``config`` on free loopback ports and a data directory of its own
+    under ``logdir``; ``env`` adds to the environment (without the caller's ``OTEL_*``)."""
+    cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(config)]
+    cmd += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    cmd += ["--data-dir", str(logdir / f"{name.replace('+', '-')}-data")]
+    ready = r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics"
+    target, found = start(name, cmd, core, ready, logdir, clean_env(BENCH_UPSTREAM_URL=upstream_url, **env))
+    target.admin_port = int(found.group(2))
+    return target
+
+
 def stop(target: Target, timeout: float = 20.0) -> None:
     """SIGTERM the target (it drains), SIGKILL after ``timeout``."""
     if target.popen.poll() is not None:
@@ -372,14 +411,7 @@ def run(settings: Settings) -> dict[str, Any]:
             "spans", [py, "-m", "bench.spans"], cores.load, r"spans on http://[\d.]+:(\d+)", workdir
         )
         started.append(receiver)
-        upstream, found = start(
-            "upstream",
-            [py, "-m", "bench.upstream", "--workers", str(settings.upstream_workers)],
-            cores.load,
-            r"upstream on http://[\d.]+:(\d+) pids=([\d,]+)",
-            workdir,
-        )
-        upstream.pids = [int(p) for p in found.group(2).split(",")]
+        upstream = start_upstream(cores.load, workdir, settings.upstream_workers)
         started.append(upstream)
         upstream_url = f"http://127.0.0.1:{upstream.port}"
         targets: dict[str, Target] = {}
@@ -392,18 +424,11 @@ def run(settings: Settings) -> dict[str, Any]:
                 workdir,
             )
         if "floor" in settings.targets:
-            targets["floor"], _ = start(
-                "floor",
-                [py, "-m", "bench.floor", "--upstream", upstream_url],
-                cores.target,
-                r"floor on http://[\d.]+:(\d+)",
-                workdir,
-            )
-        sidecar_ready = r"proxy on http://[\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics"
+            targets["floor"] = start_floor(upstream_url, cores.target, workdir)
         for name in ("sidecar", "sidecar+tracing"):
             if name not in settings.targets:
                 continue
-            env = clean_env(BENCH_UPSTREAM_URL=upstream_url)
+            env: dict[str, str] = {}
             if name == "sidecar+tracing":
                 env.update(
                     OTEL_TRACES_EXPORTER="otlp",
@@ -412,12 +437,7 @@ def run(settings: Settings) -> dict[str, Any]:
                     OTEL_TRACES_SAMPLER="always_on",
                     OTEL_BSP_SCHEDULE_DELAY="500",
                 )
-            data_dir = workdir / f"{name.replace('+', '-')}-data"
-            cmd = [py, "-m", "sidecar", "run", "--config", str(settings.config)]
-            cmd += ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--data-dir", str(data_dir)]
-            target, found = start(name, cmd, cores.target, sidecar_ready, workdir, env)
-            target.admin_port = int(found.group(2))
-            targets[name] = target
+            targets[name] = start_sidecar(name, settings.config, upstream_url, cores.target, workdir, **env)
         started.extend(targets.values())
         for name, target in targets.items():
             affinity = sorted(os.sched_getaffinity(target.popen.pid))
