@@ -423,8 +423,10 @@ def run(settings: Settings) -> dict[str, Any]:
                 r"upstream on http://[\d.]+:(\d+)",
                 workdir,
             )
+            started.append(targets["direct"])  # stopped at the end even if a later start fails
         if "floor" in settings.targets:
             targets["floor"] = start_floor(upstream_url, cores.target, workdir)
+            started.append(targets["floor"])
         for name in ("sidecar", "sidecar+tracing"):
             if name not in settings.targets:
                 continue
@@ -438,7 +440,7 @@ def run(settings: Settings) -> dict[str, Any]:
                     OTEL_BSP_SCHEDULE_DELAY="500",
                 )
             targets[name] = start_sidecar(name, settings.config, upstream_url, cores.target, workdir, **env)
-        started.extend(targets.values())
+            started.append(targets[name])
         for name, target in targets.items():
             affinity = sorted(os.sched_getaffinity(target.popen.pid))
             say(f"{name}: pid {target.popen.pid} on 127.0.0.1:{target.port}, cores {affinity}")
