@@ -187,3 +187,31 @@ def test_sinks_bench_counts_every_record_and_the_threads_that_handle_it() -> Non
     # ledger writer and no rule engine, so its threads show none of their time.
     assert bare[1] == bare[2] == 0.0 and bare[6] == 0.0
     assert full[5] > bare[5] > 0.0
+
+
+def _floor_pids() -> set[int]:
+    """Processes running ``python -m bench.floor`` (from /proc)."""
+    pids: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bench.floor" in argv:
+            pids.add(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs /proc")
+def test_a_target_that_fails_to_start_leaves_none_of_the_others_running(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: sidecar/v1\nupstreams: []\n")  # the sidecar refuses it and exits
+    before = _floor_pids()
+    cmd = [sys.executable, "-m", "bench.run", "--loadgen", "python", "--out", str(tmp_path)]
+    cmd += ["--targets", "floor,sidecar", "--config", str(bad), "--skip-rule-engine"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "sidecar exited" in done.stderr
+    assert _floor_pids() - before == set()  # the floor started first, and was stopped
