@@ -20,6 +20,7 @@ run bounded in time. Not a test and not in CI.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -141,13 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     dropped[name] += figures["dropped"]
             say(f"round {index}/{settings.rounds} done")
         print(report(cpu, rps, dropped, conc, settings.rounds), flush=True)
-        return 0
     except bench_run.BenchError as exc:
         say(f"bench.features failed: {exc} (logs in {workdir})")
         return 1
     finally:
         for target in reversed(started):
             bench_run.stop(target)
+    shutil.rmtree(workdir, ignore_errors=True)  # kept above when something failed
+    return 0
 
 
 def report(

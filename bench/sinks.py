@@ -30,6 +30,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -127,8 +128,11 @@ def child(variant: str, count: int, per_tick: int) -> dict[str, float]:
         return out
 
     factory = cli._loop_factory("auto")
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(run())
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(run())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
