@@ -98,7 +98,8 @@ def records(count: int, seed: int = 0, shift: float = 0.0) -> list[CallRecord]:
     return out
 
 
-def _thread_cpu(thread: threading.Thread) -> float:
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds of a live thread of this process, from its own CPU clock (nanoseconds)."""
     assert thread.ident is not None
     return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
@@ -130,7 +131,7 @@ async def run_once(
         await ledger.start()
         writer = next(t for t in threading.enumerate() if t.name == "sidecar-ledger-writer")
         await asyncio.sleep(0.3)  # past the start-up replay
-        writer_cpu0 = _thread_cpu(writer)
+        writer_cpu0 = thread_cpu(writer)
         offer_cpu = 0.0
         t0 = time.perf_counter()
         sent = 0
@@ -144,7 +145,7 @@ async def run_once(
             await asyncio.sleep(0.001)
         if not await ledger.flush(60.0):
             raise RuntimeError("the ledger did not settle in 60 s")
-        writer_cpu = _thread_cpu(writer) - writer_cpu0
+        writer_cpu = thread_cpu(writer) - writer_cpu0
         wall = time.perf_counter() - t0
         status = ledger.status()
         await ledger.stop(30.0)

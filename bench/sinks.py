@@ -41,6 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.features import VARIANTS, variant_text
+from bench.ledger import thread_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = 0.04  # seconds between two handfuls of records
@@ -54,17 +55,8 @@ THREADS = {
 
 
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of each live thread of this process, by thread name (Linux ``/proc``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for thread in threading.enumerate():
-        try:
-            with open(f"/proc/self/task/{thread.native_id}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[thread.name] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+    """CPU seconds of each live thread of this process, by thread name."""
+    return {thread.name: thread_cpu(thread) for thread in threading.enumerate()}
 
 
 def child(variant: str, count: int, per_tick: int) -> dict[str, float]:
