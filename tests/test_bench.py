@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench.run", "--loadgen", "python", "--out", str(tmp_path)]
-    cmd += ["--targets", "direct,floor,sidecar", "--duration", "0.3", "--rounds", "1", "--concurrency", "2"]
+    cmd += ["--targets", "direct,floor,sidecar", "--duration", "0.3", "--rounds", "1", "--rounds-c32", "2"]
+    cmd += ["--concurrency", "2,32"]
     cmd += ["--streams", "8", "--hold-ms", "300", "--probe-count", "10", "--warmup", "5", "--settle", "0"]
     cmd += ["--skip-rule-engine"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
@@ -28,8 +29,14 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
 
     assert "req/s" in done.stdout and "headline" in done.stdout
     results = json.loads((tmp_path / "latest.json").read_text())
-    cells = {(c["target"], c["shape"]) for c in results["cells"]}
-    assert cells == {(t, s) for t in ("direct", "floor", "sidecar") for s in ("json", "stream")}
+    cells = {(c["target"], c["shape"], c["concurrency"]) for c in results["cells"]}
+    every = {(t, s) for t in ("direct", "floor", "sidecar") for s in ("json", "stream")}
+    assert cells == {(t, s, c) for t, s in every for c in (2, 32)}
+    # The headline cells (c=32) get their extra round; the others run --rounds times.
+    rounds = {(r["target"], r["shape"], r["concurrency"]): len(r["runs"]) for r in results["rounds_raw"]}
+    assert rounds == {(t, s, c): 2 if c == 32 else 1 for t, s in every for c in (2, 32)}
+    assert results["settings"]["rounds_c32"] == 2
+    assert all(len(p["ratios"]) == 2 for p in results["paired_c32"].values())
     assert all(c["requests"] > 0 and c["errors"] == 0 and c["dropped"] == 0 for c in results["cells"])
     assert "records_dropped" in {c["check"] for c in results["checks"] if c["target"] == "sidecar"}
     assert results["memory"]["sidecar"]["streams_held"] == 8
