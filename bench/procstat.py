@@ -67,21 +67,38 @@ def rss_bytes(pid: int) -> int:
 
 @dataclass(frozen=True)
 class CoreTimes:
-    """Busy and total ticks of one core since boot."""
+    """Busy and total ticks of one core since boot, and two parts of busy that no process is
+    charged for: ``softirq`` (interrupt and softirq work, such as loopback TCP for the
+    processes on the core) and ``steal`` (time the hypervisor gave the virtual CPU to another
+    guest: the host's noise, which ``/proc`` shows)."""
 
     busy: int
     total: int
+    softirq: int = 0
+    steal: int = 0
 
     def busy_share(self, before: CoreTimes) -> float:
         """The fraction of the time between ``before`` and this reading that the core was busy."""
+        return self._share(self.busy - before.busy, before)
+
+    def softirq_share(self, before: CoreTimes) -> float:
+        """The fraction of that time spent in interrupts and softirqs."""
+        return self._share(self.softirq - before.softirq, before)
+
+    def steal_share(self, before: CoreTimes) -> float:
+        """The fraction of that time stolen by the hypervisor."""
+        return self._share(self.steal - before.steal, before)
+
+    def _share(self, ticks: int, before: CoreTimes) -> float:
         total = self.total - before.total
-        return (self.busy - before.busy) / total if total > 0 else 0.0
+        return ticks / total if total > 0 else 0.0
 
 
-def core_times() -> dict[int, CoreTimes]:
-    """Per-core busy/total ticks from ``/proc/stat`` (idle and iowait count as not busy)."""
+def core_times(path: str = "/proc/stat") -> dict[int, CoreTimes]:
+    """Per-core ticks from ``/proc/stat`` (idle and iowait count as not busy; irq, softirq and
+    steal as busy)."""
     out: dict[int, CoreTimes] = {}
-    with open("/proc/stat", encoding="ascii") as f:
+    with open(path, encoding="ascii") as f:
         for line in f:
             if not line.startswith("cpu") or line.startswith("cpu "):
                 continue
@@ -89,7 +106,9 @@ def core_times() -> dict[int, CoreTimes]:
             ticks = [int(v) for v in values]
             idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
             total = sum(ticks[:8])
-            out[int(name[3:])] = CoreTimes(total - idle, total)
+            softirq = sum(ticks[5:7])
+            steal = ticks[7] if len(ticks) > 7 else 0
+            out[int(name[3:])] = CoreTimes(total - idle, total, softirq, steal)
     return out
 
 

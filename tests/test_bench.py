@@ -222,3 +222,19 @@ def test_a_target_that_fails_to_start_leaves_none_of_the_others_running(tmp_path
     assert done.returncode == 1, done.stdout + done.stderr
     assert "sidecar exited" in done.stderr
     assert _floor_pids() - before == set()  # the floor started first, and was stopped
+
+
+def test_core_times_split_the_busy_time_no_process_is_charged_for(tmp_path: Path) -> None:
+    from bench.procstat import core_times
+
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = "cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 100 0 50 800 10 5 20 15 0 0\ncpu1 1 0 1 1 0 0 0 0 0 0\n"
+    after = "cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 400 0 150 1000 20 10 90 115 0 0\ncpu1 2 0 2 2 0 0 0 0 0 0\n"
+    (tmp_path / "a").write_text(before)
+    (tmp_path / "b").write_text(after)
+    a, b = core_times(str(tmp_path / "a"))[0], core_times(str(tmp_path / "b"))[0]
+    # 785 ticks passed: 210 idle or iowait, 300 user, 100 system, 75 irq + softirq, 100 steal.
+    assert b.total - a.total == 785
+    assert b.busy_share(a) == (300 + 100 + 75 + 100) / 785
+    assert b.softirq_share(a) == 75 / 785
+    assert b.steal_share(a) == 100 / 785
