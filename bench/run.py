@@ -920,7 +920,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
     duration = args.duration if args.duration is not None else (1.0 if quick else 3.0)
     settings = Settings(
-        mode="quick" if quick else ("custom" if args.duration or args.rounds or args.rounds_c32 else "full"),
+        mode="quick"
+        if quick
+        else ("custom" if args.duration or args.rounds or args.rounds_c32 is not None else "full"),
         duration=max(0.2, min(duration, 60.0)),
         rounds=max(1, min(args.rounds if args.rounds is not None else (1 if quick else 3), 10)),
         concurrency=tuple(max(1, min(int(c), 1024)) for c in args.concurrency.split(",") if c),
