@@ -120,6 +120,9 @@ class Settings:
     #: Rounds of the c=32 cells, the headline (at least ``rounds``; 0: ``rounds``): more than the
     #: other cells, since one disturbed round moves a best-of-3 ratio by tens of percent.
     rounds_c32: int = 0
+    #: Rounds of the simultaneous pairs at c=32 (each sidecar target and the floor loaded at
+    #: once on the target core, see :func:`simultaneous_summary`); 0: none.
+    pair_rounds: int = 0
 
     def rounds_at(self, concurrency: int) -> int:
         """Rounds run at ``concurrency``."""
@@ -297,21 +300,54 @@ def load_run(
     ``side`` are the load side's own processes (mock upstream, span receiver); the load
     generator's CPU comes from this process's reaped-children usage.
     """
+    return load_runs(settings, cores, [target], side, stream, connections, workdir)[0]
+
+
+def load_runs(
+    settings: Settings,
+    cores: Cores,
+    targets: Sequence[Target],
+    side: Sequence[Target],
+    stream: bool,
+    connections: int,
+    workdir: Path,
+) -> list[dict[str, float]]:
+    """One bounded load run against every target of ``targets`` at once (a load generator
+    each, ``connections`` clients each), with each target's figures, in order.
+
+    With two targets on the target core, both run through the same moments of the host's
+    noise and the core's time is split between them, so the ratio of their CPU per request
+    no longer depends on what the machine did between two runs (see :func:`simultaneous`).
+    """
     time.sleep(settings.settle)
-    dropped0 = records_dropped(target)
-    cmd = wrk.command(
-        settings.loadgen, "127.0.0.1", target.port, stream, connections, settings.duration, workdir
-    )
+    dropped0 = [records_dropped(t) for t in targets]
+    cmds = [
+        pinned(
+            wrk.command(
+                settings.loadgen, "127.0.0.1", t.port, stream, connections, settings.duration, workdir
+            ),
+            cores.load,
+        )
+        for t in targets
+    ]
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0, side0, cores0, t0 = target.cpu(), [t.cpu() for t in side], procstat.core_times(), time.monotonic()
-    out = subprocess.run(
-        pinned(cmd, cores.load), capture_output=True, text=True, timeout=settings.duration + 60, check=False
-    )
-    cpu1, side1, cores1, t1 = target.cpu(), [t.cpu() for t in side], procstat.core_times(), time.monotonic()
+    cpu0, side0 = [t.cpu() for t in targets], [t.cpu() for t in side]
+    cores0, t0 = procstat.core_times(), time.monotonic()
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in cmds
+    ]
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=settings.duration + 60)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    cpu1, side1 = [t.cpu() for t in targets], [t.cpu() for t in side]
+    cores1, t1 = procstat.core_times(), time.monotonic()
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    figures = wrk.parse(out.stdout + out.stderr)
-    requests = max(1.0, figures["requests"])
-    seconds = figures["duration_us"] / 1e6
     wall = t1 - t0
     loadgen_cpu = kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime
     side_cpu = [b - a for a, b in zip(side0, side1, strict=True)]
@@ -321,27 +357,36 @@ def load_run(
         after, before = cores1[cores.target], cores0[cores.target]
         target_busy = after.busy_share(before)
         steal, softirq = after.steal_share(before), after.softirq_share(before)
-    target_share = (cpu1 - cpu0) / wall
-    return {
-        "rps": figures["requests"] / seconds if seconds > 0 else 0.0,
-        "requests": figures["requests"],
-        "errors": figures["errors_status"] + figures["errors_socket"],
-        "p50_ms": figures["p50_us"] / 1000,
-        "p90_ms": figures["p90_us"] / 1000,
-        "p99_ms": figures["p99_us"] / 1000,
-        "cpu_us_per_req": (cpu1 - cpu0) / requests * 1e6,
-        "target_cpu_share": target_share,
-        "upstream_cpu_share": side_cpu[0] / wall if side_cpu else 0.0,
-        "bench_cpu_share": (loadgen_cpu + sum(side_cpu)) / wall,
-        "load_core_busy": load_busy,
-        "target_core_busy": target_busy,
-        # The target core's busy time that is not the target's own: interrupts and softirqs
-        # (much of it the target's loopback TCP), the hypervisor's steal, and other processes.
-        "target_core_softirq": softirq,
-        "target_core_steal": steal,
-        "target_core_other": max(0.0, target_busy - target_share - softirq - steal),
-        "dropped": records_dropped(target) - dropped0,
-    }
+    shares = [(b - a) / wall for a, b in zip(cpu0, cpu1, strict=True)]
+    results = []
+    for i, out in enumerate(outs):
+        figures = wrk.parse(out)
+        requests = max(1.0, figures["requests"])
+        seconds = figures["duration_us"] / 1e6
+        results.append(
+            {
+                "rps": figures["requests"] / seconds if seconds > 0 else 0.0,
+                "requests": figures["requests"],
+                "errors": figures["errors_status"] + figures["errors_socket"],
+                "p50_ms": figures["p50_us"] / 1000,
+                "p90_ms": figures["p90_us"] / 1000,
+                "p99_ms": figures["p99_us"] / 1000,
+                "cpu_us_per_req": (cpu1[i] - cpu0[i]) / requests * 1e6,
+                "target_cpu_share": shares[i],
+                "upstream_cpu_share": side_cpu[0] / wall if side_cpu else 0.0,
+                "bench_cpu_share": (loadgen_cpu + sum(side_cpu)) / wall,
+                "load_core_busy": load_busy,
+                "target_core_busy": target_busy,
+                # The target core's busy time that is not the targets' own: interrupts and
+                # softirqs (much of it the targets' loopback TCP), the hypervisor's steal, and
+                # other processes.
+                "target_core_softirq": softirq,
+                "target_core_steal": steal,
+                "target_core_other": max(0.0, target_busy - sum(shares) - softirq - steal),
+                "dropped": records_dropped(targets[i]) - dropped0[i],
+            }
+        )
+    return results
 
 
 #: Samples that count a finished call's record lost to a sink: refused by a full queue, or
@@ -504,6 +549,7 @@ def measure(
             "duration_s": settings.duration,
             "rounds": settings.rounds,
             "rounds_c32": settings.rounds_at(HEADLINE_CONCURRENCY),
+            "pair_rounds": settings.pair_rounds,
             "concurrency": list(settings.concurrency),
             "shapes": list(settings.shapes),
             "open_streams": settings.streams,
@@ -611,6 +657,29 @@ def measure(
                         f"[{done}/{total}] {name:16} {shape:6} c={conc:<4} {figures['rps']:9.0f} req/s  "
                         f"p50 {figures['p50_ms']:7.2f} ms  load core {figures['load_core_busy']:4.0%}"
                     )
+    # Simultaneous pairs: the floor and a sidecar target loaded at once on the target core.
+    if "floor" in targets and HEADLINE_CONCURRENCY in settings.concurrency:
+        pairs: dict[str, list[dict[str, dict[str, float]]]] = {}
+        names = [n for n in ("sidecar", "sidecar+tracing") if n in targets]
+        for index in range(settings.pair_rounds):
+            for shape in settings.shapes:
+                for name in names:
+                    both = [targets["floor"], targets[name]]
+                    if index % 2:
+                        both.reverse()  # which load generator starts first alternates too
+                    runs = load_runs(
+                        settings, cores, both, side, shape == "stream", HEADLINE_CONCURRENCY, workdir
+                    )
+                    by_name = {t.name: run for t, run in zip(both, runs, strict=True)}
+                    pair = {"floor": by_name["floor"], "target": by_name[name]}
+                    pairs.setdefault(f"{name} {shape}", []).append(pair)
+                    mine, floors = pair["target"]["cpu_us_per_req"], pair["floor"]["cpu_us_per_req"]
+                    say(
+                        f"[pair {index + 1}/{settings.pair_rounds}] {name:16} {shape:6} and the floor "
+                        f"at once: CPU us/req {mine:.0f} and {floors:.0f}"
+                    )
+        if pairs:
+            results["simultaneous_c32"] = pairs
     for name, target in targets.items():
         memory[name]["final_rss_mib"] = target.rss() / 2**20
     if "sidecar+tracing" in targets:
@@ -649,6 +718,37 @@ def paired_ratios(rounds_raw: Sequence[Mapping[str, Any]], concurrency: int) -> 
         ratios = [t["rps"] / f["rps"] for t, f in zip(target_runs, floor_runs, strict=False) if f["rps"] > 0]
         if ratios:
             out[f"{name} {shape}"] = {"ratios": ratios, "median": statistics.median(ratios)}
+    return out
+
+
+def simultaneous_summary(pairs: Mapping[str, Sequence[Mapping[str, Mapping[str, float]]]]) -> dict[str, Any]:
+    """Each pair's CPU per request, target over floor, when both were loaded at once.
+
+    On a shared host a target's CPU per request moves by up to 2x between two runs a few
+    seconds apart, for the floor as much as for the sidecar, so the ratio of two runs made
+    one after the other is mostly noise. Loaded at the same time on the same core, the two
+    go through the same moments of the host: the ratio of their CPU per request holds from
+    one round to the next within a few per cent. The core's time is split between them, so
+    their throughputs are not the figure; on a core of its own, a target bound by its CPU
+    serves ``1 / ratio`` of the floor's requests (``throughput_vs_floor``).
+    """
+    out: dict[str, Any] = {}
+    for key, rounds in pairs.items():
+        ratios = [
+            r["target"]["cpu_us_per_req"] / r["floor"]["cpu_us_per_req"]
+            for r in rounds
+            if r["floor"]["cpu_us_per_req"] > 0 and r["target"]["requests"] > 0 and r["floor"]["requests"] > 0
+        ]
+        if not ratios:
+            continue
+        median = statistics.median(ratios)
+        out[key] = {
+            "cpu_ratios": ratios,
+            "cpu_ratio_median": median,
+            "throughput_vs_floor": 1 / median if median > 0 else None,
+            "errors": sum(r["target"]["errors"] + r["floor"]["errors"] for r in rounds),
+            "dropped": sum(r["target"].get("dropped", 0.0) for r in rounds),
+        }
     return out
 
 
@@ -709,6 +809,14 @@ def summarise(results: dict[str, Any]) -> None:
         headline[name] = h
     results["headline"] = headline
     results["paired_c32"] = paired_ratios(results.get("rounds_raw", []), 32)
+    simultaneous = simultaneous_summary(results.get("simultaneous_c32", {}))
+    results["simultaneous_summary"] = simultaneous
+    for key, pair in simultaneous.items():
+        name = key.rsplit(" ", 1)[0]
+        if name in headline:  # a record dropped in a pair run counts as much as in the matrix
+            headline[name]["records_dropped"] = (headline[name].get("records_dropped") or 0.0) + pair[
+                "dropped"
+            ]
 
     checks = []
     for name, h in headline.items():
@@ -863,6 +971,24 @@ def table(results: Mapping[str, Any]) -> str:
             ratios = p["ratios"]
             spread = f"{min(ratios):.2f} to {max(ratios):.2f}, {len(ratios)} rounds"
             lines.append(f"    {key:24} {p['median']:.2f}  ({spread})")
+    simultaneous = results.get("simultaneous_summary", {})
+    if simultaneous:
+        lines.append(
+            "  CPU per request at c=32, the target and the floor loaded at once on the target core "
+            "(the steadiest comparison on a shared host):"
+        )
+        lines.append(
+            "    target / floor, median and range; on a core of its own the target serves 1 / ratio "
+            "of the floor's requests"
+        )
+        for key, p in simultaneous.items():
+            ratios = p["cpu_ratios"]
+            spread = f"{min(ratios):.2f} to {max(ratios):.2f}, {len(ratios)} rounds"
+            extra = f", {p['errors']:.0f} failed requests" if p["errors"] else ""
+            lines.append(
+                f"    {key:24} {p['cpu_ratio_median']:.2f}  ({spread}{extra})  "
+                f"throughput {_f(p['throughput_vs_floor'], '.2f')} x floor"
+            )
     for name, h in results.get("headline", {}).items():
         flat = [f"{k} {v:.2f}" for k, v in h.items() if k.endswith("c128_vs_c1") and v is not None]
         if flat:
@@ -889,6 +1015,11 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--rounds", type=int, help="rounds of the whole matrix (default 3, quick 1)")
     parser.add_argument(
         "--rounds-c32", type=int, help="rounds of the c=32 cells, the headline (default 7, quick 1)"
+    )
+    parser.add_argument(
+        "--pair-rounds",
+        type=int,
+        help="rounds of the floor and each sidecar loaded at once at c=32 (default 5, quick 1; 0: none)",
     )
     parser.add_argument("--concurrency", default="1,32,128", help="comma-separated (default 1,32,128)")
     parser.add_argument("--shapes", default="json,stream", help="json,stream (default both)")
@@ -945,6 +1076,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         out=args.out,
         rule_engine=not args.skip_rule_engine,
         rounds_c32=max(0, min(args.rounds_c32 if args.rounds_c32 is not None else (0 if quick else 7), 20)),
+        pair_rounds=max(
+            0, min(args.pair_rounds if args.pair_rounds is not None else (1 if quick else 5), 20)
+        ),
     )
     return settings
 

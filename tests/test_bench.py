@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "bench.run", "--loadgen", "python", "--out", str(tmp_path)]
     cmd += ["--targets", "direct,floor,sidecar", "--duration", "0.3", "--rounds", "1", "--rounds-c32", "2"]
-    cmd += ["--concurrency", "2,32"]
+    cmd += ["--concurrency", "2,32", "--pair-rounds", "2"]
     cmd += ["--streams", "8", "--hold-ms", "300", "--probe-count", "10", "--warmup", "5", "--settle", "0"]
     cmd += ["--skip-rule-engine"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
@@ -37,6 +37,18 @@ def test_bench_runs_end_to_end(tmp_path: Path) -> None:
     assert rounds == {(t, s, c): 2 if c == 32 else 1 for t, s in every for c in (2, 32)}
     assert results["settings"]["rounds_c32"] == 2
     assert all(len(p["ratios"]) == 2 for p in results["paired_c32"].values())
+    # The floor and the sidecar loaded at once, twice per shape: both served, the ratio from both.
+    pairs = results["simultaneous_c32"]
+    assert set(pairs) == {"sidecar json", "sidecar stream"}
+    for key, rounds in pairs.items():
+        assert len(rounds) == 2
+        for r in rounds:
+            assert r["floor"]["requests"] > 0 and r["target"]["requests"] > 0, key
+            assert r["floor"]["errors"] == 0 and r["target"]["errors"] == 0, key
+        summary = results["simultaneous_summary"][key]
+        expected = [r["target"]["cpu_us_per_req"] / r["floor"]["cpu_us_per_req"] for r in rounds]
+        assert summary["cpu_ratios"] == expected
+    assert "loaded at once" in done.stdout
     assert all(c["requests"] > 0 and c["errors"] == 0 and c["dropped"] == 0 for c in results["cells"])
     assert "records_dropped" in {c["check"] for c in results["checks"] if c["target"] == "sidecar"}
     assert results["memory"]["sidecar"]["streams_held"] == 8
@@ -238,3 +250,24 @@ def test_core_times_split_the_busy_time_no_process_is_charged_for(tmp_path: Path
     assert b.busy_share(a) == (300 + 100 + 75 + 100) / 785
     assert b.softirq_share(a) == 75 / 785
     assert b.steal_share(a) == 100 / 785
+
+
+def test_simultaneous_summary_divides_the_target_by_the_floor_of_the_same_run() -> None:
+    from bench.run import simultaneous_summary
+
+    def run(cpu: float, requests: float = 1000.0, dropped: float = 0.0) -> dict[str, float]:
+        return {"cpu_us_per_req": cpu, "requests": requests, "errors": 0.0, "dropped": dropped}
+
+    pairs = {
+        "sidecar stream": [
+            {"floor": run(400.0), "target": run(460.0)},
+            {"floor": run(200.0), "target": run(240.0, dropped=2.0)},  # a fast moment: both faster
+            {"floor": run(300.0), "target": run(330.0)},
+            {"floor": run(300.0), "target": run(300.0, requests=0.0)},  # the target served nothing
+        ]
+    }
+    summary = simultaneous_summary(pairs)["sidecar stream"]
+    assert summary["cpu_ratios"] == [460 / 400, 240 / 200, 330 / 300]
+    assert summary["cpu_ratio_median"] == 460 / 400
+    assert summary["throughput_vs_floor"] == pytest.approx(400 / 460)
+    assert summary["dropped"] == 2.0
