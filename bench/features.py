@@ -13,6 +13,12 @@ same process moves by up to 2x between rounds, and two targets measured back to 
 the same round move together more than apart. Costs of the three features need not add up
 to ``full - bare``: the sinks share the event loop and the interpreter lock.
 
+``--simultaneous``: instead, each round loads every other target together with ``full``, at
+once, both on the target core, and reports each one's CPU per request over ``full``'s in the
+same run (median and range). Both go through the same moments of the host, so the ratio
+holds within a few per cent where the figures of runs made in turn move by tens (see
+:func:`bench.run.simultaneous_summary`).
+
 Needs what ``make bench`` needs (wrk, or ``--loadgen python``); loopback only; every load
 run bounded in time. Not a test and not in CI.
 """
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--config", type=Path, default=bench_run.DEFAULT_CONFIG, help="the full config")
+    parser.add_argument(
+        "--simultaneous", action="store_true", help="load each target at once with full (steadier ratios)"
+    )
     args = parser.parse_args(argv)
     settings = bench_run.parse_args(["--loadgen", args.loadgen, "--settle", "0.5", "--skip-rule-engine"])
     settings = replace(
@@ -126,22 +135,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if res.errors:
                     raise bench_run.BenchError(f"{name} failed {res.errors} warm-up requests")
 
-        cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
-        rps: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
         dropped = dict.fromkeys(targets, 0.0)
-        for index, order in enumerate(bench_run.rotations(list(targets), settings.rounds), 1):
-            for shape in settings.shapes:
-                for name in order:
-                    figures = bench_run.load_run(
-                        settings, cores, targets[name], [upstream], shape == "stream", conc, workdir
-                    )
-                    if figures["errors"]:
-                        raise bench_run.BenchError(f"{name}: {figures['errors']:.0f} failed requests")
-                    cpu[shape][name].append(figures["cpu_us_per_req"])
-                    rps[shape][name].append(figures["rps"])
-                    dropped[name] += figures["dropped"]
-            say(f"round {index}/{settings.rounds} done")
-        print(report(cpu, rps, dropped, conc, settings.rounds), flush=True)
+        if args.simultaneous:
+            ratios = simultaneous_rounds(settings, cores, targets, upstream, conc, workdir, dropped)
+            print(simultaneous_report(ratios, dropped, conc, settings.rounds), flush=True)
+        else:
+            print(rounds_in_turn(settings, cores, targets, upstream, conc, workdir, dropped), flush=True)
     except bench_run.BenchError as exc:
         say(f"bench.features failed: {exc} (logs in {workdir})")
         return 1
@@ -150,6 +149,65 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench_run.stop(target)
     shutil.rmtree(workdir, ignore_errors=True)  # kept above when something failed
     return 0
+
+
+def simultaneous_rounds(
+    settings: bench_run.Settings,
+    cores: bench_run.Cores,
+    targets: Mapping[str, bench_run.Target],
+    upstream: bench_run.Target,
+    conc: int,
+    workdir: Path,
+    dropped: dict[str, float],
+) -> dict[str, dict[str, list[float]]]:
+    """``--simultaneous``: per shape and target, its CPU per request over ``full``'s, each
+    round loading the two at once; records the targets dropped are added to ``dropped``."""
+    ratios: dict[str, dict[str, list[float]]] = {
+        s: {n: [] for n in targets if n != "full"} for s in settings.shapes
+    }
+    for index in range(1, settings.rounds + 1):
+        for shape in settings.shapes:
+            for name in ratios[shape]:
+                both = [targets["full"], targets[name]]
+                runs = bench_run.load_runs(
+                    settings, cores, both, [upstream], shape == "stream", conc, workdir
+                )
+                for target, figures in zip(both, runs, strict=True):
+                    if figures["errors"]:
+                        raise bench_run.BenchError(f"{target.name}: {figures['errors']:.0f} failed requests")
+                    dropped[target.name] += figures["dropped"]
+                full, other = runs[0]["cpu_us_per_req"], runs[1]["cpu_us_per_req"]
+                if full > 0:
+                    ratios[shape][name].append(other / full)
+        bench_run.say(f"round {index}/{settings.rounds} done")
+    return ratios
+
+
+def rounds_in_turn(
+    settings: bench_run.Settings,
+    cores: bench_run.Cores,
+    targets: Mapping[str, bench_run.Target],
+    upstream: bench_run.Target,
+    conc: int,
+    workdir: Path,
+    dropped: dict[str, float],
+) -> str:
+    """Every target loaded alone, in turn, each round: the table of :func:`report`."""
+    cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
+    rps: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
+    for index, order in enumerate(bench_run.rotations(list(targets), settings.rounds), 1):
+        for shape in settings.shapes:
+            for name in order:
+                figures = bench_run.load_run(
+                    settings, cores, targets[name], [upstream], shape == "stream", conc, workdir
+                )
+                if figures["errors"]:
+                    raise bench_run.BenchError(f"{name}: {figures['errors']:.0f} failed requests")
+                cpu[shape][name].append(figures["cpu_us_per_req"])
+                rps[shape][name].append(figures["rps"])
+                dropped[name] += figures["dropped"]
+        bench_run.say(f"round {index}/{settings.rounds} done")
+    return report(cpu, rps, dropped, conc, settings.rounds)
 
 
 def report(
@@ -181,6 +239,35 @@ def report(
                 f"{name:11} {max(rps[shape][name]):7.0f} {statistics.median(values):10.0f}  {saved:32} "
                 f"{what.get(name, 'the bare aiohttp pass-through')}"
             )
+    lost = {n: d for n, d in dropped.items() if d}
+    lines.append(f"\nrecords dropped by the sinks: {lost or 'none'}")
+    return "\n".join(lines)
+
+
+def simultaneous_report(
+    ratios: Mapping[str, Mapping[str, Sequence[float]]],
+    dropped: Mapping[str, float],
+    concurrency: int,
+    rounds: int,
+) -> str:
+    """The table of ``--simultaneous``: per shape and target, its CPU per request over
+    ``full``'s when both were loaded at once (median and range), and what that saves."""
+    what = {name: off for name, off, _ in VARIANTS}
+    lines: list[str] = []
+    for shape, by_target in ratios.items():
+        lines.append(
+            f"\n{shape}, c={concurrency}, {rounds} rounds, each target loaded at once with full: "
+            "its CPU per request over full's"
+        )
+        lines.append(f"{'target':11} {'x full':>6}  {'range':>12}  {'saves':>6}  off")
+        for name, values in by_target.items():
+            if not values:
+                continue
+            median = statistics.median(values)
+            spread = f"{min(values):.2f} to {max(values):.2f}"
+            saves = f"{1 - median:6.0%}" if name != "floor" else "     -"
+            off = what.get(name, "the bare aiohttp pass-through")
+            lines.append(f"{name:11} {median:6.2f}  {spread:>12}  {saves}  {off}")
     lost = {n: d for n, d in dropped.items() if d}
     lines.append(f"\nrecords dropped by the sinks: {lost or 'none'}")
     return "\n".join(lines)

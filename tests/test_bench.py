@@ -271,3 +271,15 @@ def test_simultaneous_summary_divides_the_target_by_the_floor_of_the_same_run() 
     assert summary["cpu_ratio_median"] == 460 / 400
     assert summary["throughput_vs_floor"] == pytest.approx(400 / 460)
     assert summary["dropped"] == 2.0
+
+
+def test_simultaneous_feature_report_gives_each_targets_ratio_to_full() -> None:
+    from bench.features import simultaneous_report
+
+    ratios = {"stream": {"floor": [0.84, 0.93, 0.89], "no-ledger": [0.92, 0.97, 0.94], "bare": []}}
+    text = simultaneous_report(ratios, {"full": 0.0, "no-ledger": 3.0}, 32, 3)
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()}
+    assert rows["floor"][1:5] == ["0.89", "0.84", "to", "0.93"]
+    assert rows["no-ledger"][1:6] == ["0.94", "0.92", "to", "0.97", "6%"]
+    assert "bare" not in rows  # no rounds: no row rather than a made-up figure
+    assert "records dropped by the sinks: {'no-ledger': 3.0}" in text
