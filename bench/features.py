@@ -136,11 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise bench_run.BenchError(f"{name} failed {res.errors} warm-up requests")
 
         dropped = dict.fromkeys(targets, 0.0)
+        rig = Rig(settings, cores, targets, upstream, conc, workdir)
         if args.simultaneous:
-            ratios = simultaneous_rounds(settings, cores, targets, upstream, conc, workdir, dropped)
+            ratios = simultaneous_rounds(rig, dropped)
             print(simultaneous_report(ratios, dropped, conc, settings.rounds), flush=True)
         else:
-            print(rounds_in_turn(settings, cores, targets, upstream, conc, workdir, dropped), flush=True)
+            print(rounds_in_turn(rig, dropped), flush=True)
     except bench_run.BenchError as exc:
         say(f"bench.features failed: {exc} (logs in {workdir})")
         return 1
@@ -151,17 +152,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def simultaneous_rounds(
-    settings: bench_run.Settings,
-    cores: bench_run.Cores,
-    targets: Mapping[str, bench_run.Target],
-    upstream: bench_run.Target,
-    conc: int,
-    workdir: Path,
-    dropped: dict[str, float],
-) -> dict[str, dict[str, list[float]]]:
+@dataclass(frozen=True)
+class Rig:
+    """The started targets and what a load run needs."""
+
+    settings: bench_run.Settings
+    cores: bench_run.Cores
+    targets: Mapping[str, bench_run.Target]
+    upstream: bench_run.Target
+    concurrency: int
+    workdir: Path
+
+    def load(self, targets: Sequence[bench_run.Target], stream: bool) -> list[dict[str, float]]:
+        """One bounded load run against ``targets`` at once (:func:`bench.run.load_runs`)."""
+        return bench_run.load_runs(
+            self.settings, self.cores, targets, [self.upstream], stream, self.concurrency, self.workdir
+        )
+
+
+def simultaneous_rounds(rig: Rig, dropped: dict[str, float]) -> dict[str, dict[str, list[float]]]:
     """``--simultaneous``: per shape and target, its CPU per request over ``full``'s, each
     round loading the two at once; records the targets dropped are added to ``dropped``."""
+    settings, targets = rig.settings, rig.targets
     ratios: dict[str, dict[str, list[float]]] = {
         s: {n: [] for n in targets if n != "full"} for s in settings.shapes
     }
@@ -169,9 +181,7 @@ def simultaneous_rounds(
         for shape in settings.shapes:
             for name in ratios[shape]:
                 both = [targets["full"], targets[name]]
-                runs = bench_run.load_runs(
-                    settings, cores, both, [upstream], shape == "stream", conc, workdir
-                )
+                runs = rig.load(both, shape == "stream")
                 for target, figures in zip(both, runs, strict=True):
                     if figures["errors"]:
                         raise bench_run.BenchError(f"{target.name}: {figures['errors']:.0f} failed requests")
@@ -183,31 +193,22 @@ def simultaneous_rounds(
     return ratios
 
 
-def rounds_in_turn(
-    settings: bench_run.Settings,
-    cores: bench_run.Cores,
-    targets: Mapping[str, bench_run.Target],
-    upstream: bench_run.Target,
-    conc: int,
-    workdir: Path,
-    dropped: dict[str, float],
-) -> str:
+def rounds_in_turn(rig: Rig, dropped: dict[str, float]) -> str:
     """Every target loaded alone, in turn, each round: the table of :func:`report`."""
+    settings, targets = rig.settings, rig.targets
     cpu: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
     rps: dict[str, dict[str, list[float]]] = {s: {n: [] for n in targets} for s in settings.shapes}
     for index, order in enumerate(bench_run.rotations(list(targets), settings.rounds), 1):
         for shape in settings.shapes:
             for name in order:
-                figures = bench_run.load_run(
-                    settings, cores, targets[name], [upstream], shape == "stream", conc, workdir
-                )
+                figures = rig.load([targets[name]], shape == "stream")[0]
                 if figures["errors"]:
                     raise bench_run.BenchError(f"{name}: {figures['errors']:.0f} failed requests")
                 cpu[shape][name].append(figures["cpu_us_per_req"])
                 rps[shape][name].append(figures["rps"])
                 dropped[name] += figures["dropped"]
         bench_run.say(f"round {index}/{settings.rounds} done")
-    return report(cpu, rps, dropped, conc, settings.rounds)
+    return report(cpu, rps, dropped, rig.concurrency, settings.rounds)
 
 
 def report(
