@@ -67,10 +67,12 @@ def rss_bytes(pid: int) -> int:
 
 @dataclass(frozen=True)
 class CoreTimes:
-    """Busy and total ticks of one core since boot, and two parts of busy that no process is
-    charged for: ``softirq`` (interrupt and softirq work, such as loopback TCP for the
-    processes on the core) and ``steal`` (time the hypervisor gave the virtual CPU to another
-    guest: the host's noise, which ``/proc`` shows)."""
+    """Busy and total ticks of one core since boot, and two parts of busy: ``steal`` (time the
+    hypervisor gave the virtual CPU to another guest: the host's noise, which ``/proc`` shows,
+    and which no process is charged for) and ``softirq`` (interrupt and softirq work, such as
+    loopback TCP for the processes on the core). Without ``CONFIG_IRQ_TIME_ACCOUNTING`` (the
+    machines this was written on) a tick spent in a softirq is also charged to the process
+    that was running, so it is in that process's CPU time as well."""
 
     busy: int
     total: int
