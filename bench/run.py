@@ -317,7 +317,8 @@ def load_runs(
 
     With two targets on the target core, both run through the same moments of the host's
     noise and the core's time is split between them, so the ratio of their CPU per request
-    no longer depends on what the machine did between two runs (see :func:`simultaneous`).
+    no longer depends on what the machine did between two runs (see
+    :func:`simultaneous_summary`).
     """
     time.sleep(settings.settle)
     dropped0 = [records_dropped(t) for t in targets]
