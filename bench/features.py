@@ -181,12 +181,14 @@ def simultaneous_rounds(rig: Rig, dropped: dict[str, float]) -> dict[str, dict[s
         for shape in settings.shapes:
             for name in ratios[shape]:
                 both = [targets["full"], targets[name]]
-                runs = rig.load(both, shape == "stream")
-                for target, figures in zip(both, runs, strict=True):
+                if index % 2 == 0:
+                    both.reverse()  # which load generator starts first alternates, as in bench.run
+                by_name = dict(zip([t.name for t in both], rig.load(both, shape == "stream"), strict=True))
+                for target_name, figures in by_name.items():
                     if figures["errors"]:
-                        raise bench_run.BenchError(f"{target.name}: {figures['errors']:.0f} failed requests")
-                    dropped[target.name] += figures["dropped"]
-                full, other = runs[0]["cpu_us_per_req"], runs[1]["cpu_us_per_req"]
+                        raise bench_run.BenchError(f"{target_name}: {figures['errors']:.0f} failed requests")
+                    dropped[target_name] += figures["dropped"]
+                full, other = by_name["full"]["cpu_us_per_req"], by_name[name]["cpu_us_per_req"]
                 if full > 0:
                     ratios[shape][name].append(other / full)
         bench_run.say(f"round {index}/{settings.rounds} done")
