@@ -47,6 +47,25 @@ class Collect(QueueSink):
         return self.records
 
 
+async def close_held(server: asyncio.Server | None, writers: list[asyncio.StreamWriter]) -> None:
+    """Close a test's never-answering server and every connection it accepted.
+
+    The server stops accepting first; then the handlers of connections accepted just before
+    get to run (and note their writers), and every connection is aborted. A sidecar's exporter
+    may still be retrying from its shutdown thread when the test ends, and a connection left
+    open here would be garbage-collected during a later test: an unraisable ResourceWarning
+    that fails that one.
+    """
+    if server is not None:
+        server.close()
+        await asyncio.sleep(0.1)
+    for writer in writers:
+        writer.transport.abort()
+    await asyncio.sleep(0.01)  # the handlers see their connection end and return
+    if server is not None:
+        await server.wait_closed()
+
+
 def make_config(upstreams_yaml: str, extra: str = "", tmp: Path | None = None) -> config_mod.Config:
     """A config with ephemeral ports and the given upstream list (YAML, indented under ``upstreams:``)."""
     text = (

@@ -48,7 +48,7 @@ from yarl import URL
 from sidecar.ledger import TOKEN_COLUMNS
 from sidecar.metrics import OVERFLOW, iter_samples
 from sidecar.mock_upstream import start_mock_upstream
-from tests.harness import make_config, running_sidecar, sample
+from tests.harness import close_held, make_config, running_sidecar, sample
 from tests.replay_upstream import ReplayUpstream
 
 PYTHON = sys.executable
@@ -572,11 +572,7 @@ async def test_collector_trouble_never_delays_calls(collector: str, tmp_path: Pa
                 exported = sample(sc, "llm_spans_exported_total")
                 assert len(collect.records) == len(latencies)
     finally:
-        for writer in connections:
-            writer.close()
-        if server is not None:
-            server.close()
-            await server.wait_closed()
+        await close_held(server, connections)
         await mock.cleanup()
 
     latencies.sort()

@@ -73,7 +73,7 @@ from sidecar.ledger import DB_NAME, JOURNAL_NAME, Ledger, LedgerSettings, journa
 from sidecar.metrics import Metrics, MetricsSink, iter_samples
 from sidecar.mock_upstream import start_mock_upstream
 from sidecar.model import CallRecord, Usage
-from tests.harness import make_config, running_sidecar
+from tests.harness import close_held, make_config, running_sidecar
 from tests.test_ledger import rec
 
 # -- everything broken at once, in a real process ----------------------------------------------
@@ -152,11 +152,7 @@ class Hold:
         return {line.split(" ")[1] for line in self.lines if line.count(" ") >= 2}
 
     async def __aexit__(self, *exc: object) -> None:
-        for writer in self._writers:
-            writer.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await close_held(self._server, self._writers)
 
 
 class HealthProbe(threading.Thread):

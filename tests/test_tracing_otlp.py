@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.model import CallRecord, Usage
 from sidecar.tracing import TracingSettings, TracingSink, build_exporter, build_resource, to_span
+from tests.harness import close_held
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -390,7 +391,4 @@ async def test_collector_accepts_and_never_answers(protocol: str) -> None:
         assert dropped["export_failed"] + dropped["shutdown"] + dropped["queue_full"] == 1050
         assert sink.exported == 0
     finally:
-        for writer in connections:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+        await close_held(server, connections)

@@ -43,7 +43,7 @@ from sidecar.usagelogs import (
     UsageLogsSink,
     resolve_usage_logs,
 )
-from tests.harness import make_config, running_sidecar, sample
+from tests.harness import close_held, make_config, running_sidecar, sample
 
 
 @pytest.fixture(autouse=True)
@@ -327,10 +327,7 @@ async def test_collector_trouble_never_delays_calls_and_drops_are_counted(
             lost = sample(sc, "llm_usage_logs_dropped_total")
             rows = await asyncio.to_thread(_ledger_rows, tmp_path)
     finally:
-        for writer in connections:
-            writer.close()
-        if server is not None:
-            server.close()
+        await close_held(server, connections)
     print(f"\n[usage logs, collector {collector}] {calls} calls, slowest {max(latencies) * 1000:.0f} ms")
     assert calls >= 20
     assert max(latencies) < 2.0
