@@ -163,10 +163,26 @@ class Rig:
     concurrency: int
     workdir: Path
 
-    def load(self, targets: Sequence[bench_run.Target], stream: bool) -> list[dict[str, float]]:
-        """One bounded load run against ``targets`` at once (:func:`bench.run.load_runs`)."""
-        return bench_run.load_runs(
-            self.settings, self.cores, targets, [self.upstream], stream, self.concurrency, self.workdir
+    def load(self, target: bench_run.Target, stream: bool) -> dict[str, float]:
+        """One bounded load run against ``target`` alone (:func:`bench.run.load_run`)."""
+        return bench_run.load_run(
+            self.settings, self.cores, target, [self.upstream], stream, self.concurrency, self.workdir
+        )
+
+    def load_pair(
+        self, first: bench_run.Target, second: bench_run.Target, stream: bool, swap: bool
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Both loaded at once (:func:`bench.run.load_pair`)."""
+        return bench_run.load_pair(
+            self.settings,
+            self.cores,
+            first,
+            second,
+            [self.upstream],
+            stream,
+            self.concurrency,
+            self.workdir,
+            swap=swap,
         )
 
 
@@ -180,15 +196,13 @@ def simultaneous_rounds(rig: Rig, dropped: dict[str, float]) -> dict[str, dict[s
     for index in range(1, settings.rounds + 1):
         for shape in settings.shapes:
             for name in ratios[shape]:
-                both = [targets["full"], targets[name]]
-                if index % 2 == 0:
-                    both.reverse()  # which load generator starts first alternates, as in bench.run
-                by_name = dict(zip([t.name for t in both], rig.load(both, shape == "stream"), strict=True))
-                for target_name, figures in by_name.items():
+                # Which load generator starts first alternates, as in bench.run's pairs.
+                runs = rig.load_pair(targets["full"], targets[name], shape == "stream", swap=index % 2 == 0)
+                for target_name, figures in zip(("full", name), runs, strict=True):
                     if figures["errors"]:
                         raise bench_run.BenchError(f"{target_name}: {figures['errors']:.0f} failed requests")
                     dropped[target_name] += figures["dropped"]
-                full, other = by_name["full"]["cpu_us_per_req"], by_name[name]["cpu_us_per_req"]
+                full, other = runs[0]["cpu_us_per_req"], runs[1]["cpu_us_per_req"]
                 if full > 0:
                     ratios[shape][name].append(other / full)
         bench_run.say(f"round {index}/{settings.rounds} done")
@@ -203,7 +217,7 @@ def rounds_in_turn(rig: Rig, dropped: dict[str, float]) -> str:
     for index, order in enumerate(bench_run.rotations(list(targets), settings.rounds), 1):
         for shape in settings.shapes:
             for name in order:
-                figures = rig.load([targets[name]], shape == "stream")[0]
+                figures = rig.load(targets[name], shape == "stream")
                 if figures["errors"]:
                     raise bench_run.BenchError(f"{name}: {figures['errors']:.0f} failed requests")
                 cpu[shape][name].append(figures["cpu_us_per_req"])

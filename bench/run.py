@@ -392,6 +392,26 @@ def load_runs(
     return results
 
 
+def load_pair(
+    settings: Settings,
+    cores: Cores,
+    first: Target,
+    second: Target,
+    side: Sequence[Target],
+    stream: bool,
+    connections: int,
+    workdir: Path,
+    swap: bool = False,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """:func:`load_runs` of two targets at once: the figures of ``first`` and of ``second``.
+    ``swap`` starts ``second``'s load generator first (alternate it from round to round)."""
+    if swap:
+        later, earlier = load_runs(settings, cores, [second, first], side, stream, connections, workdir)
+        return earlier, later
+    earlier, later = load_runs(settings, cores, [first, second], side, stream, connections, workdir)
+    return earlier, later
+
+
 #: Samples that count a finished call's record lost to a sink: refused by a full queue, or
 #: lost by the ledger (a record spilled to the ledger's journal is not lost).
 DROP_SAMPLES = ("llm_sink_dropped_total", "llm_ledger_lost_total")
@@ -667,14 +687,18 @@ def measure(
         for index in range(settings.pair_rounds):
             for shape in settings.shapes:
                 for name in names:
-                    both = [targets["floor"], targets[name]]
-                    if index % 2:
-                        both.reverse()  # which load generator starts first alternates too
-                    runs = load_runs(
-                        settings, cores, both, side, shape == "stream", HEADLINE_CONCURRENCY, workdir
+                    floor_run, target_run = load_pair(
+                        settings,
+                        cores,
+                        targets["floor"],
+                        targets[name],
+                        side,
+                        shape == "stream",
+                        HEADLINE_CONCURRENCY,
+                        workdir,
+                        swap=index % 2 == 1,
                     )
-                    by_name = {t.name: run for t, run in zip(both, runs, strict=True)}
-                    pair = {"floor": by_name["floor"], "target": by_name[name]}
+                    pair = {"floor": floor_run, "target": target_run}
                     pairs.setdefault(f"{name} {shape}", []).append(pair)
                     mine, floors = pair["target"]["cpu_us_per_req"], pair["floor"]["cpu_us_per_req"]
                     say(
@@ -811,7 +835,7 @@ def summarise(results: dict[str, Any]) -> None:
         h["records_dropped"] = sum(c.get("dropped", 0.0) for c in cells if c["target"] == name)
         headline[name] = h
     results["headline"] = headline
-    results["paired_c32"] = paired_ratios(results.get("rounds_raw", []), 32)
+    results["paired_c32"] = paired_ratios(results.get("rounds_raw", []), HEADLINE_CONCURRENCY)
     simultaneous = simultaneous_summary(results.get("simultaneous_c32", {}))
     results["simultaneous_summary"] = simultaneous
     for key, pair in simultaneous.items():

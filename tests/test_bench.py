@@ -10,6 +10,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -283,3 +285,25 @@ def test_simultaneous_feature_report_gives_each_targets_ratio_to_full() -> None:
     assert rows["no-ledger"][1:6] == ["0.94", "0.92", "to", "0.97", "6%"]
     assert "bare" not in rows  # no rounds: no row rather than a made-up figure
     assert "records dropped by the sinks: {'no-ledger': 3.0}" in text
+
+
+def test_load_pair_gives_each_targets_figures_whichever_starts_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import run as bench_run
+
+    started: list[list[str]] = []
+
+    def fake_load_runs(
+        settings: object, cores: object, targets: list[Any], *rest: object
+    ) -> list[dict[str, float]]:
+        started.append([t.name for t in targets])
+        return [{"cpu_us_per_req": 100.0 if t.name == "floor" else 110.0} for t in targets]
+
+    monkeypatch.setattr(bench_run, "load_runs", fake_load_runs)
+    floor, sidecar = SimpleNamespace(name="floor"), SimpleNamespace(name="sidecar")
+    settings: Any = None
+    cores: Any = None
+    pair: tuple[Any, Any] = (floor, sidecar)
+    for swap in (False, True):
+        first, second = bench_run.load_pair(settings, cores, *pair, [], True, 32, Path("."), swap=swap)
+        assert (first["cpu_us_per_req"], second["cpu_us_per_req"]) == (100.0, 110.0)
+    assert started == [["floor", "sidecar"], ["sidecar", "floor"]]
